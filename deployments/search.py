@@ -1,0 +1,129 @@
+"""ProductSearch deployment: owns the Milvus store and the photo store.
+
+With Milvus Lite this is the single process that opens the data dir (one replica, writes
+serialised); with a Milvus server it can scale out like the encoders.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import numpy as np
+from ray import serve
+from ray.serve.handle import DeploymentHandle
+
+from deployments import metrics
+from deployments.errors import NotFound
+from deployments.media import MediaStore
+from deployments.products import Product, image_hash
+from deployments.store import Hit, ProductStore, VectorField, literal
+from serve_app.settings import MilvusSettings
+
+log = logging.getLogger("ray.serve")
+T = TypeVar("T")
+
+
+@serve.deployment
+class ProductSearch:
+    """Vector search, product CRUD and photo storage over one catalogue."""
+
+    async def __init__(
+        self, milvus: MilvusSettings, media_dir: str,
+        image_encoder: DeploymentHandle, text_encoder: DeploymentHandle,
+    ) -> None:
+        image_dim, text_dim = await asyncio.gather(
+            image_encoder.dim.remote(), text_encoder.dim.remote()
+        )
+        self.store = ProductStore(milvus)
+        self.store.ensure_collection(image_dim, text_dim)
+        self.media = MediaStore(media_dir)
+        self.dims = {"image": image_dim, "text": text_dim}
+
+    async def _call(self, op: str, func: Callable[..., T], *args: Any) -> T:
+        """Run a blocking store call off the event loop, timing it."""
+        start = time.perf_counter()
+        outcome = "ok"
+        try:
+            return await asyncio.to_thread(func, *args)
+        except Exception:
+            outcome = "error"
+            raise
+        finally:
+            ms = (time.perf_counter() - start) * 1000
+            metrics.milvus_latency_ms().observe(ms, tags={"op": op, "outcome": outcome})
+
+    async def search(
+        self, field: VectorField, vector: np.ndarray, k: int, filter: str = "",
+        exclude_ids: tuple[str, ...] = (),
+    ) -> list[Hit]:
+        """Top-k products by similarity of the `field` vector, best first."""
+        return await self._call("search", self.store.search, vector, field, k, filter, exclude_ids)
+
+    async def similar(self, product_id: str, k: int) -> list[Hit]:
+        """Products that look like a stored one (its stored image vector), itself and copies of
+        its photo left out."""
+        product = await self.get(product_id)
+        vectors = await self._call("get_vectors", self.store.get_vectors, product_id)
+        if vectors is None:
+            raise NotFound(f"no product with id {product_id!r}")
+        duplicates = f"image_hash != {literal(product.image_hash)}" if product.image_hash else ""
+        return await self.search("image", vectors["image"], k, duplicates, (product_id,))
+
+    async def get(self, product_id: str) -> Product:
+        """One product; NotFound if absent."""
+        found = await self._call("get", self.store.get, [product_id])
+        if not found:
+            raise NotFound(f"no product with id {product_id!r}")
+        return found[0]
+
+    async def browse(self, limit: int, offset: int) -> tuple[list[Product], int]:
+        """A page of products and the catalogue size."""
+        page = await self._call("list", self.store.list, limit, offset)
+        total = await self._call("count", self.store.count)
+        return page, total
+
+    async def count(self) -> int:
+        """Number of products in the catalogue."""
+        return await self._call("count", self.store.count)
+
+    async def upsert(
+        self, product: Product, image: bytes, image_vector: np.ndarray, text_vector: np.ndarray
+    ) -> Product:
+        """Store the photo and insert-or-replace the product with its vectors."""
+        digest = image_hash(image)
+        ref = await asyncio.to_thread(self.media.put, image, digest)
+        stored = product.model_copy(update={"image_ref": ref, "image_hash": digest})
+        await self._call(
+            "upsert", self.store.upsert, [stored], image_vector[None, :], text_vector[None, :]
+        )
+        return stored
+
+    async def upsert_many(
+        self, products: list[Product], image_vectors: np.ndarray, text_vectors: np.ndarray
+    ) -> int:
+        """Insert-or-replace products whose photos are already stored (bulk path)."""
+        return await self._call("upsert", self.store.upsert, products, image_vectors, text_vectors)
+
+    async def fingerprints(self, ids: list[str]) -> dict[str, str]:
+        """Stored `image_hash` per id (for skipping unchanged rows)."""
+        return await self._call("fingerprints", self.store.fingerprints, ids)
+
+    async def delete(self, product_id: str) -> None:
+        """Delete one product; NotFound if absent."""
+        if not await self._call("delete", self.store.delete, [product_id]):
+            raise NotFound(f"no product with id {product_id!r}")
+
+    async def image(self, product_id: str) -> tuple[bytes, str]:
+        """The stored photo of a product and its content type."""
+        product = await self.get(product_id)
+        return await asyncio.to_thread(self.media.get, product.image_ref)
+
+    async def health(self) -> dict[str, Any]:
+        """Raises BackendUnavailable unless Milvus answers; otherwise a short status."""
+        await self._call("ping", self.store.ping)
+        return {"milvus": "ok", "collection": self.store.collection, "dims": self.dims}
+

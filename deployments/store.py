@@ -1,0 +1,268 @@
+"""The Milvus store: the one module that knows the collection schema and speaks to Milvus.
+
+One collection per catalogue holds an image vector, a text vector and typed scalar attributes
+(extra attributes in a JSON field). The URI is a local path (embedded Milvus Lite, one process per
+data dir, writes serialised) or a server URL. Callers see products and scores, never the client.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import threading
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+from pymilvus import DataType, MilvusClient, MilvusException
+
+from deployments.errors import BackendUnavailable, InvalidInput
+from deployments.products import STRING_FIELDS, Product
+from serve_app.settings import MilvusSettings
+
+log = logging.getLogger(__name__)
+
+VectorField = Literal["image", "text"]
+VECTOR_FIELDS = {"image": "image_vector", "text": "text_vector"}
+SCALAR_FIELDS = ("id", "title", *STRING_FIELDS, "price", "attributes", "image_ref", "image_hash")
+STRING_MAX = {"id": 64, "title": 512, "image_ref": 256, "image_hash": 64}
+
+
+@dataclass
+class Hit:
+    """One search result: the product and its similarity (higher is more similar)."""
+
+    product: Product
+    score: float
+
+
+def literal(value: Any) -> str:
+    """Render a Python value as a Milvus expression literal, escaped (no injection possible)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)) and np.isfinite(value):
+        return repr(value)
+    if isinstance(value, str):
+        return json.dumps(value, ensure_ascii=False)
+    raise InvalidInput(f"unsupported filter value {value!r}", code="invalid_filter")
+
+
+def expr_in(field: str, values: Iterable[Any]) -> str:
+    """`field in [v1, v2, ...]` with every value escaped."""
+    return f"{field} in [{', '.join(literal(v) for v in values)}]"
+
+
+def _backend_errors(func):
+    """Turn client failures into BackendUnavailable, which the API answers with a 503."""
+
+    @functools.wraps(func)
+    def wrapper(*args, **kwargs):
+        try:
+            return func(*args, **kwargs)
+        except MilvusException as exc:
+            raise BackendUnavailable(f"Milvus failed: {exc.message}") from exc
+        except (ConnectionError, TimeoutError) as exc:
+            raise BackendUnavailable(f"Milvus unreachable: {exc}") from exc
+
+    return wrapper
+
+
+class ProductStore:
+    """Products and their vectors in one Milvus collection."""
+
+    def __init__(self, settings: MilvusSettings) -> None:
+        self.settings = settings
+        self.collection = settings.collection
+        self._write_lock = threading.Lock()
+        self._client = self._connect()
+
+    @_backend_errors
+    def _connect(self) -> MilvusClient:
+        uri = self.settings.uri
+        if self.settings.is_lite:
+            Path(uri).parent.mkdir(parents=True, exist_ok=True)
+        return MilvusClient(uri=uri, token=self.settings.token, timeout=self.settings.timeout_s)
+
+    # -- collection lifecycle -------------------------------------------------------------
+    @_backend_errors
+    def ensure_collection(self, image_dim: int, text_dim: int) -> None:
+        """Create the collection (schema, indexes, shards) if missing, check dims, load it."""
+        if self._client.has_collection(self.collection):
+            self._check_dims(image_dim, text_dim)
+        else:
+            self._create(image_dim, text_dim)
+        self._client.load_collection(self.collection, replica_number=self.settings.replica_number)
+
+    def _create(self, image_dim: int, text_dim: int) -> None:
+        schema = self._client.create_schema(auto_id=False, enable_dynamic_field=False)
+        schema.add_field("id", DataType.VARCHAR, is_primary=True, max_length=STRING_MAX["id"])
+        schema.add_field("title", DataType.VARCHAR, max_length=STRING_MAX["title"])
+        for name in STRING_FIELDS:
+            schema.add_field(name, DataType.VARCHAR, max_length=64, default_value="")
+        schema.add_field("price", DataType.FLOAT, nullable=True)
+        schema.add_field("attributes", DataType.JSON)
+        schema.add_field("image_ref", DataType.VARCHAR, max_length=STRING_MAX["image_ref"])
+        schema.add_field("image_hash", DataType.VARCHAR, max_length=STRING_MAX["image_hash"])
+        schema.add_field("image_vector", DataType.FLOAT_VECTOR, dim=image_dim)
+        schema.add_field("text_vector", DataType.FLOAT_VECTOR, dim=text_dim)
+        index = self._client.prepare_index_params()
+        for field in VECTOR_FIELDS.values():
+            index.add_index(
+                field, index_type=self.settings.index_type, metric_type=self.settings.metric,
+                params=self.settings.index_params,
+            )
+        self._client.create_collection(
+            self.collection, schema=schema, index_params=index,
+            num_shards=self.settings.num_shards,
+            consistency_level=self.settings.consistency_level,
+        )
+        log.info("created collection %s (image %d-d, text %d-d, %s %s)", self.collection,
+                 image_dim, text_dim, self.settings.index_type, self.settings.metric)
+
+    def _check_dims(self, image_dim: int, text_dim: int) -> None:
+        fields = self._client.describe_collection(self.collection)["fields"]
+        dims = {f["name"]: f.get("params", {}).get("dim") for f in fields}
+        expected = {"image_vector": image_dim, "text_vector": text_dim}
+        for name, dim in expected.items():
+            if dims.get(name) is not None and int(dims[name]) != dim:
+                raise InvalidInput(
+                    f"collection {self.collection!r} has {name} of {dims[name]} dims but the "
+                    f"configured model gives {dim}; drop it or use another collection",
+                    code="dimension_mismatch",
+                )
+
+    @_backend_errors
+    def exists(self) -> bool:
+        """Whether the collection exists."""
+        return self._client.has_collection(self.collection)
+
+    @_backend_errors
+    def drop(self) -> None:
+        """Delete the collection and everything in it."""
+        if self._client.has_collection(self.collection):
+            self._client.drop_collection(self.collection)
+
+    @_backend_errors
+    def ping(self) -> None:
+        """Raise BackendUnavailable unless Milvus answers."""
+        self._client.has_collection(self.collection, timeout=self.settings.timeout_s)
+
+    def close(self) -> None:
+        """Release the client (Milvus Lite flushes and frees the data dir)."""
+        self._client.close()
+
+    # -- writes -------------------------------------------------------------------------
+    @_backend_errors
+    def upsert(
+        self, products: Sequence[Product], image_vectors: np.ndarray, text_vectors: np.ndarray
+    ) -> int:
+        """Insert or replace products by id with their vectors; returns rows written."""
+        if not (len(products) == len(image_vectors) == len(text_vectors)):
+            raise ValueError("products and vectors differ in length")
+        if not products:
+            return 0
+        rows = [
+            {**self._row(p), "image_vector": iv.tolist(), "text_vector": tv.tolist()}
+            for p, iv, tv in zip(products, image_vectors, text_vectors, strict=True)
+        ]
+        with self._write_lock:
+            result = self._client.upsert(self.collection, rows)
+        return int(result.get("upsert_count", len(rows)))
+
+    @staticmethod
+    def _row(product: Product) -> dict[str, Any]:
+        row = product.model_dump()
+        row["title"] = row["title"][: STRING_MAX["title"]]
+        return row
+
+    @_backend_errors
+    def delete(self, ids: Sequence[str]) -> int:
+        """Delete products by id; returns how many existed."""
+        existing = [p.id for p in self.get(ids)]
+        if existing:
+            with self._write_lock:
+                self._client.delete(self.collection, filter=expr_in("id", existing))
+        return len(existing)
+
+    # -- reads --------------------------------------------------------------------------
+    @_backend_errors
+    def get(self, ids: Sequence[str]) -> list[Product]:
+        """Products with these ids (missing ids are left out), in the order asked."""
+        if not ids:
+            return []
+        rows = self._client.query(
+            self.collection, filter=expr_in("id", ids), output_fields=list(SCALAR_FIELDS),
+            consistency_level="Strong",
+        )
+        by_id = {r["id"]: self._product(r) for r in rows}
+        return [by_id[i] for i in ids if i in by_id]
+
+    @_backend_errors
+    def get_vectors(self, product_id: str) -> dict[str, np.ndarray] | None:
+        """The stored image and text vectors of one product, or None."""
+        rows = self._client.query(
+            self.collection, filter=expr_in("id", [product_id]),
+            output_fields=list(VECTOR_FIELDS.values()), consistency_level="Strong",
+        )
+        if not rows:
+            return None
+        return {k: np.asarray(rows[0][f], dtype=np.float32) for k, f in VECTOR_FIELDS.items()}
+
+    @_backend_errors
+    def fingerprints(self, ids: Sequence[str]) -> dict[str, str]:
+        """`image_hash` of each stored id (used to skip unchanged rows on re-index)."""
+        if not ids:
+            return {}
+        rows = self._client.query(
+            self.collection, filter=expr_in("id", ids), output_fields=["id", "image_hash"],
+            consistency_level="Strong",
+        )
+        return {r["id"]: r["image_hash"] for r in rows}
+
+    @_backend_errors
+    def list(self, limit: int = 20, offset: int = 0, filter: str = "") -> list[Product]:
+        """Browse products (in storage order)."""
+        rows = self._client.query(
+            self.collection, filter=filter, limit=limit, offset=offset,
+            output_fields=list(SCALAR_FIELDS),
+        )
+        return [self._product(r) for r in rows]
+
+    @_backend_errors
+    def count(self, filter: str = "") -> int:
+        """Number of products stored."""
+        rows = self._client.query(
+            self.collection, filter=filter, output_fields=["count(*)"], consistency_level="Strong"
+        )
+        return int(rows[0]["count(*)"]) if rows else 0
+
+    @_backend_errors
+    def search(
+        self,
+        vector: np.ndarray,
+        field: VectorField,
+        k: int,
+        filter: str = "",
+        exclude_ids: Sequence[str] = (),
+    ) -> list[Hit]:
+        """The k products whose `field` vector is most similar to `vector`, best first."""
+        clauses = [f"({filter})" if filter else "", f"not ({expr_in('id', exclude_ids)})"
+                   if exclude_ids else ""]
+        expr = " and ".join(c for c in clauses if c)
+        result = self._client.search(
+            self.collection, data=[np.asarray(vector, dtype=np.float32).tolist()],
+            anns_field=VECTOR_FIELDS[field], limit=k, filter=expr,
+            output_fields=list(SCALAR_FIELDS),
+            search_params={"metric_type": self.settings.metric,
+                           "params": self.settings.search_params},
+        )
+        return [Hit(self._product(h["entity"]), float(h["distance"])) for h in result[0]]
+
+    @staticmethod
+    def _product(row: dict[str, Any]) -> Product:
+        data = {k: row.get(k) for k in SCALAR_FIELDS if k in row}
+        data["attributes"] = data.get("attributes") or {}
+        return Product.model_validate(data)

@@ -1,0 +1,36 @@
+"""TextEncoder deployment: a thin Serve wrapper with dynamic batching over encoders.TextEncoder."""
+
+from __future__ import annotations
+
+import asyncio
+
+import numpy as np
+from ray import serve
+
+from deployments import encoders, metrics
+from serve_app.settings import BatchingSettings, TextModelSettings
+
+
+@serve.deployment
+class TextEncoder:
+    """Embeds strings; concurrent requests are batched into one model call."""
+
+    def __init__(
+        self, model: TextModelSettings, batching: BatchingSettings, num_threads: int
+    ) -> None:
+        self.encoder = encoders.TextEncoder(model, num_threads=num_threads)
+        self._embed_batch.set_max_batch_size(batching.max_batch_size)
+        self._embed_batch.set_batch_wait_timeout_s(batching.batch_wait_timeout_s)
+
+    def dim(self) -> int:
+        """Vector dimension of the model."""
+        return self.encoder.dim
+
+    async def embed(self, text: str) -> np.ndarray:
+        """One L2-normalised vector for a string."""
+        return await self._embed_batch(text)
+
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.005)
+    async def _embed_batch(self, texts: list[str]) -> list[np.ndarray]:
+        metrics.encoder_batch_size().observe(len(texts), tags={"encoder": "text"})
+        return list(await asyncio.to_thread(self.encoder.embed, texts))

