@@ -104,23 +104,53 @@ def build_image_model(settings: ImageModelSettings) -> torch.nn.Module:
     return model.eval()
 
 
+class ImagePreprocessor:
+    """Photo -> model input, following the model's data config; needs no weights, so the batch
+    job runs it in plain parallel tasks and the encoder runs the very same code online."""
+
+    def __init__(self, input_size: tuple[int, int], mean, std) -> None:
+        self.input_size = tuple(input_size)
+        self.mean = np.asarray(mean, dtype=np.float32).reshape(1, 3, 1, 1)
+        self.std = np.asarray(std, dtype=np.float32).reshape(1, 3, 1, 1)
+
+    @classmethod
+    def for_model(cls, model: torch.nn.Module) -> ImagePreprocessor:
+        """From a timm model's resolved data config (input size, mean, std)."""
+        import timm.data
+
+        config = timm.data.resolve_data_config({}, model=model)
+        return cls(config["input_size"][1:], config["mean"], config["std"])
+
+    @classmethod
+    def for_settings(cls, settings: ImageModelSettings) -> ImagePreprocessor:
+        """For the configured model architecture (built without weights)."""
+        import timm
+
+        return cls.for_model(timm.create_model(settings.model_name, pretrained=False))
+
+    def model_pixels(self, image: Image.Image) -> np.ndarray:
+        """RGB image -> uint8 HWC array at the model's input size (whole image, padded)."""
+        square = pad_to_square(image.convert("RGB"))
+        size = (self.input_size[1], self.input_size[0])
+        return np.asarray(square.resize(size, Image.Resampling.BICUBIC), dtype=np.uint8)
+
+    def normalise(self, pixels: np.ndarray) -> np.ndarray:
+        """uint8 NHWC batch -> normalised float32 NCHW batch."""
+        arr = pixels.astype(np.float32).transpose(0, 3, 1, 2) / 255.0
+        return ((arr - self.mean) / self.std).astype(np.float32)
+
+
 class ImageEncoder:
     """Embeds product photos with a timm model: whole image padded to a square, pooled features."""
 
     def __init__(self, settings: ImageModelSettings, num_threads: int | None = None) -> None:
-        import timm.data
-
         self.settings = settings
         self.device = resolve_device(settings.device)
         if num_threads:
             torch.set_num_threads(num_threads)
         self.num_threads = torch.get_num_threads()
         model = build_image_model(settings)
-        config = timm.data.resolve_data_config({}, model=model)
-        self.input_size = tuple(config["input_size"][1:])
-        self.mean = np.asarray(config["mean"], dtype=np.float32).reshape(3, 1, 1)
-        self.std = np.asarray(config["std"], dtype=np.float32).reshape(3, 1, 1)
-        self.interpolation = Image.Resampling.BICUBIC
+        self.preprocessor = ImagePreprocessor.for_model(model)
         self.dim = int(model.num_features)
         backend = settings.backend
         if backend == "auto":
@@ -141,7 +171,7 @@ class ImageEncoder:
         if not path.exists():
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_suffix(f".{os.getpid()}.tmp")
-            dummy = torch.zeros(1, 3, *self.input_size)
+            dummy = torch.zeros(1, 3, *self.preprocessor.input_size)
             torch.onnx.export(
                 model, dummy, str(tmp), input_names=["pixels"], output_names=["features"],
                 dynamic_axes={"pixels": {0: "n"}, "features": {0: "n"}},
@@ -151,32 +181,29 @@ class ImageEncoder:
         options = ort.SessionOptions()
         options.intra_op_num_threads = self.num_threads
         options.inter_op_num_threads = 1
+        # Spinning worker threads steal the CPU that Ray's own threads and the other replicas
+        # need; measured in a Ray actor: 19.7 -> 11.0 ms per image at batch 1 with spinning off.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
-    def preprocess(self, image: Image.Image) -> np.ndarray:
-        """RGB image -> normalised CHW float32 array at the model's input size."""
-        square = pad_to_square(image.convert("RGB"))
-        resized = square.resize(self.input_size[::-1], self.interpolation)
-        arr = np.asarray(resized, dtype=np.float32).transpose(2, 0, 1) / 255.0
-        return (arr - self.mean) / self.std
-
-    def embed_arrays(self, pixels: np.ndarray) -> np.ndarray:
-        """Embed a batch of preprocessed arrays (N, 3, H, W)."""
+    def embed_pixels(self, pixels: np.ndarray) -> np.ndarray:
+        """Embed a uint8 NHWC batch made by `preprocessor.model_pixels`."""
         if len(pixels) == 0:
             return np.zeros((0, self.dim), dtype=np.float32)
+        batch = self.preprocessor.normalise(pixels)
         if self._session is not None:
-            features = self._session.run(None, {"pixels": pixels.astype(np.float32)})[0]
+            features = self._session.run(None, {"pixels": batch})[0]
         else:
             with torch.inference_mode():
-                batch = torch.from_numpy(np.ascontiguousarray(pixels)).to(self.device)
-                features = self._model(batch).float().cpu().numpy()
+                features = self._model(torch.from_numpy(batch).to(self.device)).float().cpu()
+            features = features.numpy()
         return l2_normalise(features)
 
     def embed(self, images: Sequence[Image.Image]) -> np.ndarray:
         """Embed a batch of PIL images."""
         if not images:
             return np.zeros((0, self.dim), dtype=np.float32)
-        return self.embed_arrays(np.stack([self.preprocess(img) for img in images]))
+        return self.embed_pixels(np.stack([self.preprocessor.model_pixels(i) for i in images]))
 
     def embed_bytes(self, blobs: Sequence[bytes]) -> np.ndarray:
         """Decode and embed a batch of encoded images; InvalidInput names a bad one."""
@@ -223,3 +250,14 @@ class TextEncoder:
             hidden = self.model(**tokens).last_hidden_state
             pooled = mean_pool(hidden, tokens["attention_mask"])
         return l2_normalise(pooled.float().cpu().numpy())
+
+
+def model_dims(image: ImageModelSettings, text: TextModelSettings) -> tuple[int, int]:
+    """Vector dimensions of the configured models, read from the architectures (no weights)."""
+    import timm
+    from transformers import AutoConfig
+
+    image_dim = timm.create_model(image.model_name, pretrained=False).num_features
+    config = AutoConfig.from_pretrained(text.model_path or default_text_model_path(),
+                                        local_files_only=True)
+    return int(image_dim), int(config.hidden_size)

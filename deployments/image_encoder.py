@@ -47,9 +47,10 @@ class ImageEncoder:
         pixels = []
         for blob in images:
             try:
-                pixels.append(self.encoder.preprocess(encoders.decode_image(blob, self.max_pixels)))
+                image = encoders.decode_image(blob, self.max_pixels)
+                pixels.append(self.encoder.preprocessor.model_pixels(image))
                 results.append(None)
             except InvalidInput as exc:
                 results.append(exc)
-        vectors = iter(self.encoder.embed_arrays(np.stack(pixels)) if pixels else [])
+        vectors = iter(self.encoder.embed_pixels(np.stack(pixels)) if pixels else [])
         return [next(vectors) if r is None else r for r in results]

@@ -31,6 +31,7 @@ class Product(BaseModel):
     attributes: dict[str, Any] = Field(default_factory=dict)
     image_ref: str = Field("", max_length=256, description="Key of the stored photo")
     image_hash: str = Field("", max_length=64, description="SHA-256 of the photo bytes")
+    fingerprint: str = Field("", max_length=64, description="Hash of photo + fields (re-index)")
 
     @field_validator("title", *STRING_FIELDS, mode="before")
     @classmethod
@@ -42,6 +43,11 @@ class Product(BaseModel):
         words = [self.colour, self.article_type, self.gender and f"for {self.gender}", self.usage]
         parts = [self.title, " ".join(w for w in words if w), self.category, self.subcategory]
         return ". ".join(p for p in parts if p)
+
+    def content_fingerprint(self) -> str:
+        """Hash of everything stored about the product: unchanged rows are skipped on re-index."""
+        content = self.model_dump_json(exclude={"image_ref", "fingerprint"})
+        return hashlib.sha256(content.encode()).hexdigest()
 
     def public_attributes(self) -> dict[str, Any]:
         """Typed and extra attributes as one flat dict, empty values left out."""

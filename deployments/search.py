@@ -18,8 +18,9 @@ from ray.serve.handle import DeploymentHandle
 
 from deployments import metrics
 from deployments.errors import NotFound
+from deployments.ingest import write_products
 from deployments.media import MediaStore
-from deployments.products import Product, image_hash
+from deployments.products import Product
 from deployments.store import Hit, ProductStore, VectorField, literal
 from serve_app.settings import MilvusSettings
 
@@ -94,22 +95,20 @@ class ProductSearch:
         self, product: Product, image: bytes, image_vector: np.ndarray, text_vector: np.ndarray
     ) -> Product:
         """Store the photo and insert-or-replace the product with its vectors."""
-        digest = image_hash(image)
-        ref = await asyncio.to_thread(self.media.put, image, digest)
-        stored = product.model_copy(update={"image_ref": ref, "image_hash": digest})
-        await self._call(
-            "upsert", self.store.upsert, [stored], image_vector[None, :], text_vector[None, :]
-        )
-        return stored
+        stored = await self.upsert_many([product], [image], image_vector[None, :],
+                                        text_vector[None, :])
+        return stored[0]
 
     async def upsert_many(
-        self, products: list[Product], image_vectors: np.ndarray, text_vectors: np.ndarray
-    ) -> int:
-        """Insert-or-replace products whose photos are already stored (bulk path)."""
-        return await self._call("upsert", self.store.upsert, products, image_vectors, text_vectors)
+        self, products: list[Product], images: list[bytes], image_vectors: np.ndarray,
+        text_vectors: np.ndarray,
+    ) -> list[Product]:
+        """Insert-or-replace products with their photos and vectors (also the bulk path)."""
+        return await self._call("upsert", write_products, self.store, self.media, products,
+                                images, image_vectors, text_vectors)
 
-    async def fingerprints(self, ids: list[str]) -> dict[str, str]:
-        """Stored `image_hash` per id (for skipping unchanged rows)."""
+    async def fingerprints(self, ids: list[str] | None = None) -> dict[str, str]:
+        """Stored content fingerprint per id (all when ids is None)."""
         return await self._call("fingerprints", self.store.fingerprints, ids)
 
     async def delete(self, product_id: str) -> None:

@@ -27,8 +27,10 @@ log = logging.getLogger(__name__)
 
 VectorField = Literal["image", "text"]
 VECTOR_FIELDS = {"image": "image_vector", "text": "text_vector"}
-SCALAR_FIELDS = ("id", "title", *STRING_FIELDS, "price", "attributes", "image_ref", "image_hash")
-STRING_MAX = {"id": 64, "title": 512, "image_ref": 256, "image_hash": 64}
+SCALAR_FIELDS = (
+    "id", "title", *STRING_FIELDS, "price", "attributes", "image_ref", "image_hash", "fingerprint",
+)
+STRING_MAX = {"id": 64, "title": 512, "image_ref": 256, "image_hash": 64, "fingerprint": 64}
 
 
 @dataclass
@@ -106,6 +108,7 @@ class ProductStore:
         schema.add_field("attributes", DataType.JSON)
         schema.add_field("image_ref", DataType.VARCHAR, max_length=STRING_MAX["image_ref"])
         schema.add_field("image_hash", DataType.VARCHAR, max_length=STRING_MAX["image_hash"])
+        schema.add_field("fingerprint", DataType.VARCHAR, max_length=STRING_MAX["fingerprint"])
         schema.add_field("image_vector", DataType.FLOAT_VECTOR, dim=image_dim)
         schema.add_field("text_vector", DataType.FLOAT_VECTOR, dim=text_dim)
         index = self._client.prepare_index_params()
@@ -212,15 +215,23 @@ class ProductStore:
         return {k: np.asarray(rows[0][f], dtype=np.float32) for k, f in VECTOR_FIELDS.items()}
 
     @_backend_errors
-    def fingerprints(self, ids: Sequence[str]) -> dict[str, str]:
-        """`image_hash` of each stored id (used to skip unchanged rows on re-index)."""
-        if not ids:
-            return {}
-        rows = self._client.query(
-            self.collection, filter=expr_in("id", ids), output_fields=["id", "image_hash"],
-            consistency_level="Strong",
-        )
-        return {r["id"]: r["image_hash"] for r in rows}
+    def fingerprints(self, ids: Sequence[str] | None = None) -> dict[str, str]:
+        """Stored content fingerprint per id (all products when ids is None), for skipping
+        unchanged rows on re-index."""
+        fields = ["id", "fingerprint"]
+        if ids is not None:
+            if not ids:
+                return {}
+            rows = self._client.query(self.collection, filter=expr_in("id", ids),
+                                      output_fields=fields, consistency_level="Strong")
+            return {r["id"]: r["fingerprint"] for r in rows}
+        found: dict[str, str] = {}
+        iterator = self._client.query_iterator(self.collection, batch_size=4096,
+                                               output_fields=fields)
+        while batch := iterator.next():
+            found.update((r["id"], r["fingerprint"]) for r in batch)
+        iterator.close()
+        return found
 
     @_backend_errors
     def list(self, limit: int = 20, offset: int = 0, filter: str = "") -> list[Product]:

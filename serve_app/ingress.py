@@ -152,7 +152,9 @@ class SearchAPI:
         start = time.perf_counter()
         k = self._check_k(k)
         data = await self._read_image(image)
-        vector = await self.image_encoder.embed.remote(data)
+        # The vector goes from the encoder straight to the search replica (Serve resolves a
+        # DeploymentResponse passed as an argument), not through this replica.
+        vector = self.image_encoder.embed.remote(data)
         hits = await self.search.search.remote("image", vector, k)
         _log_extra(request, modality="image", k=k, results=len(hits))
         return SearchResponse.of(hits, (time.perf_counter() - start) * 1000)
@@ -163,7 +165,7 @@ class SearchAPI:
         start = time.perf_counter()
         k = self._check_k(body.k)
         text = self._check_text(body.query)
-        vector = await self.text_encoder.embed.remote(text)
+        vector = self.text_encoder.embed.remote(text)
         hits = await self.search.search.remote("text", vector, k)
         _log_extra(request, modality="text", k=k, results=len(hits))
         return SearchResponse.of(hits, (time.perf_counter() - start) * 1000)
@@ -257,7 +259,7 @@ class SearchAPI:
         if not data:
             raise InvalidInput("the image upload is empty", code="invalid_image")
         if sniff_content_type(data) not in EXTENSIONS:
-            raise InvalidInput("the upload is not a JPEG, PNG, WEBP or GIF image",
+            raise InvalidInput("the upload is not a readable JPEG, PNG, WEBP or GIF image",
                                code="unsupported_media_type")
         return data
 

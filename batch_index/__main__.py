@@ -1,0 +1,185 @@
+"""Command line for the catalogue index: create / drop / stats a collection, index a catalogue.
+
+    python -m batch_index index --catalog products.csv [--images DIR]
+    python -m batch_index index --images DIR              # a bare folder of photos
+    ray job submit --working-dir . -- python -m batch_index index --catalog ...
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+from batch_index.catalog import read_csv_catalog, read_folder_catalog
+from deployments.errors import SearchError
+from serve_app.settings import DEFAULT_CONFIG, AppSettings, load_settings
+
+log = logging.getLogger("batch_index")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The CLI's arguments."""
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--config", default=str(DEFAULT_CONFIG), help="Serve config file")
+    common.add_argument("--milvus-uri", help="Milvus Lite path or server URL (default: config)")
+    common.add_argument("--collection", help="collection name (default: config)")
+    parser = argparse.ArgumentParser(prog="python -m batch_index", description=__doc__.split(
+        "\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("create", parents=[common], help="create the collection if missing")
+    sub.add_parser("drop", parents=[common], help="delete the collection")
+    sub.add_parser("stats", parents=[common], help="print the collection's size and settings")
+    index = sub.add_parser("index", parents=[common], help="embed and store a catalogue")
+    index.add_argument("--catalog", help="CSV with id, title, ..., image columns")
+    index.add_argument("--images", help="image folder (CSV paths are relative to it)")
+    index.add_argument("--columns", help="column mapping, e.g. title=productDisplayName")
+    index.add_argument("--rejects", default="data/index-rejects.jsonl", help="rejects JSONL")
+    index.add_argument("--force", action="store_true", help="re-embed unchanged rows too")
+    index.add_argument("--limit", type=int, help="index only the first N rows")
+    index.add_argument("--batch-size", type=int, default=32)
+    index.add_argument("--image-actors", type=int, default=1, help="image encoder actor pool")
+    index.add_argument("--text-actors", type=int, default=1, help="text encoder actor pool")
+    index.add_argument("--image-threads", type=int, default=2, help="threads per image actor")
+    index.add_argument("--num-gpus", type=float, default=0, help="GPUs per image actor")
+    index.add_argument("--writers", type=int, help="parallel writers (server only; default 4)")
+    index.add_argument("--via-service", choices=["auto", "yes", "no"], default="auto",
+                       help="write through the running service (auto: when it owns Lite)")
+    index.add_argument("--app-name", default="shopsearch", help="Serve application to use")
+    index.add_argument("--address", help="Ray address (default: RAY_ADDRESS or a local Ray)")
+    return parser.parse_args(argv)
+
+
+def settings_for(args: argparse.Namespace) -> AppSettings:
+    """Config file settings with the command line's Milvus overrides."""
+    settings = load_settings(args.config)
+    milvus = settings.milvus.model_copy(update={
+        k: v for k, v in (("uri", args.milvus_uri), ("collection", args.collection)) if v})
+    return settings.model_copy(update={"milvus": milvus})
+
+
+def open_store(settings: AppSettings):
+    """Open the store, explaining the Lite one-process rule if another process holds it."""
+    from deployments.store import ProductStore
+
+    try:
+        return ProductStore(settings.milvus)
+    except SearchError as exc:
+        if settings.milvus.is_lite:
+            raise SystemExit(
+                f"cannot open Milvus Lite at {settings.milvus.uri}: {exc.message}. Milvus Lite "
+                "allows one process per data dir; if the service is running, use `index` (it "
+                "writes through the service) or stop the service first.") from None
+        raise
+
+
+def cmd_create(settings: AppSettings) -> None:
+    """Create the collection with dims read from the configured models."""
+    from deployments.encoders import model_dims
+
+    store = open_store(settings)
+    store.ensure_collection(*model_dims(settings.image_model, settings.text_model))
+    print(f"collection {settings.milvus.collection!r} ready at {settings.milvus.uri}")
+    store.close()
+
+
+def cmd_drop(settings: AppSettings) -> None:
+    """Delete the collection."""
+    store = open_store(settings)
+    store.drop()
+    print(f"collection {settings.milvus.collection!r} dropped")
+    store.close()
+
+
+def cmd_stats(settings: AppSettings) -> None:
+    """Print the collection's row count and index settings."""
+    store = open_store(settings)
+    stats = {"uri": settings.milvus.uri, "collection": settings.milvus.collection,
+             "exists": store.exists()}
+    if stats["exists"]:
+        from deployments.encoders import model_dims
+
+        store.ensure_collection(*model_dims(settings.image_model, settings.text_model))
+        stats.update(rows=store.count(), metric=settings.milvus.metric,
+                     index_type=settings.milvus.index_type,
+                     index_params=settings.milvus.index_params)
+    print(json.dumps(stats, indent=2))
+    store.close()
+
+
+def cmd_index(args: argparse.Namespace, settings: AppSettings) -> int:
+    """Read the catalogue, run the Ray Data job, write, summarise."""
+    import ray
+
+    from batch_index import pipeline
+
+    if args.catalog:
+        rows, rejects = read_csv_catalog(args.catalog, args.images, args.columns)
+    elif args.images:
+        rows, rejects = read_folder_catalog(args.images)
+    else:
+        raise SystemExit("give --catalog CSV (and optionally --images DIR) or --images DIR")
+    if args.limit:
+        rows = rows[: args.limit]
+    if not ray.is_initialized():
+        ray.init(address=args.address or os.environ.get("RAY_ADDRESS"))
+    options = pipeline.IndexOptions(
+        batch_size=args.batch_size, image_actors=args.image_actors, text_actors=args.text_actors,
+        image_threads=args.image_threads, num_gpus=args.num_gpus, force=args.force,
+        writers=args.writers or (1 if settings.milvus.is_lite else 4),
+    )
+    search = _service_handle(args, settings)
+    if search is not None:
+        print(f"writing through the running service {args.app_name!r} (it owns the store)")
+        known = {} if args.force else search.fingerprints.remote(None).result()
+        writer = pipeline.service_writer(search)
+        options.writers = 1
+    else:
+        from deployments.encoders import model_dims
+
+        store = open_store(settings)
+        store.ensure_collection(*model_dims(settings.image_model, settings.text_model))
+        known = {} if args.force else store.fingerprints()
+        writer = pipeline.direct_writer(settings, store)
+    summary = pipeline.run_index(rows, rejects, settings, known, writer, options)
+    pipeline.write_rejects(args.rejects, summary.rejects)
+    print(summary.line())
+    print(f"rejects: {summary.rejected} -> {Path(args.rejects).resolve()}")
+    print("summary " + pipeline.summary_json(summary))
+    return 0
+
+
+def _service_handle(args: argparse.Namespace, settings: AppSettings):
+    """ProductSearch's handle when the job should write through the running service."""
+    if args.via_service == "no" or (args.via_service == "auto" and not settings.milvus.is_lite):
+        return None
+    from ray import serve
+
+    try:
+        apps = serve.status().applications
+    except Exception:  # no Serve on this cluster
+        apps = {}
+    running = args.app_name in apps and str(apps[args.app_name].status).endswith("RUNNING")
+    if not running:
+        if args.via_service == "yes":
+            raise SystemExit(f"Serve application {args.app_name!r} is not running")
+        return None
+    return serve.get_deployment_handle("ProductSearch", app_name=args.app_name)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    args = parse_args(argv)
+    settings = settings_for(args)
+    if args.command == "index":
+        return cmd_index(args, settings)
+    {"create": cmd_create, "drop": cmd_drop, "stats": cmd_stats}[args.command](settings)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

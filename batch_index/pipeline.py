@@ -1,0 +1,271 @@
+"""The Ray Data graph that embeds a catalogue, and the writers that store the result.
+
+    rows -> [tasks]  read photo, hash, skip unchanged, decode + resize (ImagePreprocessor)
+         -> [actors] image vectors (encoders.ImageEncoder, batched)
+         -> [actors] text vectors  (encoders.TextEncoder, batched)
+         -> driver   writes batches: directly to Milvus, or through the running service's
+                     ProductSearch deployment when it owns a Milvus Lite store.
+
+The encoders are the same classes the Serve deployments use, so online and offline vectors match.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import ray
+from tqdm import tqdm
+
+from batch_index.catalog import CatalogRow, Reject
+from deployments import encoders
+from deployments.errors import InvalidInput
+from deployments.ingest import stamp, write_products
+from deployments.media import MediaStore
+from deployments.products import Product
+from deployments.store import ProductStore
+from serve_app.settings import AppSettings
+
+log = logging.getLogger(__name__)
+OK, UNCHANGED, REJECTED = "ok", "unchanged", "rejected"
+
+
+@dataclass
+class IndexOptions:
+    """How the job spreads its work (CPU numbers are Ray reservations, not hard limits)."""
+
+    batch_size: int = 32
+    image_actors: int = 1
+    text_actors: int = 1
+    image_threads: int = 2
+    task_cpus: float = 0.1
+    image_actor_cpus: float = 0.25
+    text_actor_cpus: float = 0.1
+    num_gpus: float = 0
+    force: bool = False
+    write_batch: int = 256
+    writers: int = 1
+
+
+@dataclass
+class Summary:
+    """What a run did."""
+
+    total: int = 0
+    indexed: int = 0
+    unchanged: int = 0
+    rejected: int = 0
+    wall_s: float = 0.0
+    rejects: list[Reject] = field(default_factory=list)
+
+    @property
+    def images_per_s(self) -> float:
+        """Indexed products per second of wall time."""
+        return self.indexed / self.wall_s if self.wall_s else 0.0
+
+    def line(self) -> str:
+        """One human line."""
+        return (f"indexed {self.indexed}, unchanged {self.unchanged}, rejected {self.rejected} "
+                f"of {self.total} rows in {self.wall_s:.1f} s ({self.images_per_s:.1f} images/s)")
+
+
+# -- stage 1: tasks ----------------------------------------------------------------------
+_KNOWN: dict[str, dict[str, str]] = {}
+
+
+def _known(ref_box: list) -> dict[str, str]:
+    """Stored fingerprints, fetched once per worker process from the object store."""
+    key = ref_box[0].hex()
+    if key not in _KNOWN:
+        _KNOWN.clear()
+        _KNOWN[key] = ray.get(ref_box[0])
+    return _KNOWN[key]
+
+
+def load_images(batch: dict[str, np.ndarray], *, preprocessor: encoders.ImagePreprocessor,
+                known_box: list, force: bool) -> dict[str, np.ndarray]:
+    """Read, hash and decode each row's photo; mark unchanged and unreadable rows."""
+    known = _known(known_box)
+    out: dict[str, list[Any]] = {"id": [], "product_json": [], "status": [], "reason": [],
+                                 "pixels": [], "row": []}
+    for i, product_id in enumerate(batch["id"]):
+        status, reason, pixels, product_json = OK, "", b"", batch["product_json"][i]
+        try:
+            data = Path(batch["image_path"][i]).read_bytes()
+            product = stamp(Product.model_validate_json(product_json), data)
+            product_json = product.model_dump_json()
+            if not force and known.get(product_id) == product.fingerprint:
+                status = UNCHANGED
+            else:
+                image = encoders.decode_image(data)
+                pixels = preprocessor.model_pixels(image).tobytes()
+        except FileNotFoundError:
+            status, reason = REJECTED, f"image file not found: {batch['image_path'][i]}"
+        except (OSError, InvalidInput) as exc:
+            status, reason = REJECTED, getattr(exc, "message", None) or f"unreadable image: {exc}"
+        for key, value in (("id", product_id), ("product_json", product_json),
+                           ("status", status), ("reason", reason), ("pixels", pixels),
+                           ("row", batch["row"][i])):
+            out[key].append(value)
+    return {k: np.asarray(v, dtype=object) if k == "pixels" else np.asarray(v)
+            for k, v in out.items()}
+
+
+# -- stages 2 and 3: actor pools -----------------------------------------------------------
+class ImageEmbedder:
+    """Actor: embeds the decoded photos of a batch with the shared image encoder."""
+
+    def __init__(self, settings: AppSettings, threads: int) -> None:
+        self.encoder = encoders.ImageEncoder(settings.image_model, num_threads=threads)
+        self.shape = (*self.encoder.preprocessor.input_size, 3)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        ok = batch["status"] == OK
+        vectors = np.zeros((len(ok), self.encoder.dim), dtype=np.float32)
+        if ok.any():
+            pixels = np.stack([np.frombuffer(p, np.uint8).reshape(self.shape)
+                               for p in batch["pixels"][ok]])
+            vectors[ok] = self.encoder.embed_pixels(pixels)
+        out = {k: v for k, v in batch.items() if k != "pixels"}
+        out["image_vector"] = vectors
+        return out
+
+
+class TextEmbedder:
+    """Actor: embeds the product texts of a batch with the shared text encoder."""
+
+    def __init__(self, settings: AppSettings) -> None:
+        self.encoder = encoders.TextEncoder(settings.text_model, num_threads=1)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        ok = batch["status"] == OK
+        vectors = np.zeros((len(ok), self.encoder.dim), dtype=np.float32)
+        if ok.any():
+            texts = [Product.model_validate_json(j).embedding_text()
+                     for j in batch["product_json"][ok]]
+            vectors[ok] = self.encoder.embed(texts)
+        return {**batch, "text_vector": vectors}
+
+
+def build_dataset(rows: list[CatalogRow], settings: AppSettings, known: dict[str, str],
+                  options: IndexOptions) -> ray.data.Dataset:
+    """The lazy Ray Data graph over the catalogue rows."""
+    items = [{"row": r.row, "id": r.id, "product_json": r.product_json,
+              "image_path": r.image_path} for r in rows]
+    preprocessor = encoders.ImagePreprocessor.for_settings(settings.image_model)
+    # Ray Data's default scheduling strategy is SPREAD, so the actor pools and tasks spread
+    # across the cluster's nodes.
+    return (
+        ray.data.from_items(items, override_num_blocks=max(1, len(items) // options.batch_size))
+        .map_batches(load_images, batch_size=options.batch_size, num_cpus=options.task_cpus,
+                     fn_kwargs={"preprocessor": preprocessor, "known_box": [ray.put(known)],
+                                "force": options.force})
+        .map_batches(ImageEmbedder, batch_size=options.batch_size,
+                     compute=ray.data.ActorPoolStrategy(size=options.image_actors),
+                     fn_constructor_kwargs={"settings": settings,
+                                            "threads": options.image_threads},
+                     num_cpus=options.image_actor_cpus, num_gpus=options.num_gpus)
+        .map_batches(TextEmbedder, batch_size=options.batch_size * 2,
+                     compute=ray.data.ActorPoolStrategy(size=options.text_actors),
+                     fn_constructor_kwargs={"settings": settings},
+                     num_cpus=options.text_actor_cpus)
+    )
+
+
+# -- writers -------------------------------------------------------------------------------
+Writer = Callable[[list[Product], list[bytes], np.ndarray, np.ndarray], None]
+
+
+def direct_writer(settings: AppSettings, store: ProductStore) -> Writer:
+    """Write straight to Milvus (this process owns the store)."""
+    media = MediaStore(settings.media_dir)
+
+    def write(products, images, image_vectors, text_vectors) -> None:
+        write_products(store, media, products, images, image_vectors, text_vectors)
+
+    return write
+
+
+def service_writer(handle) -> Writer:
+    """Write through the running service's ProductSearch deployment (it owns the store)."""
+
+    def write(products, images, image_vectors, text_vectors) -> None:
+        handle.upsert_many.remote(products, images, image_vectors, text_vectors).result()
+
+    return write
+
+
+def run_index(rows: list[CatalogRow], rejects: list[Reject], settings: AppSettings,
+              known: dict[str, str], writer: Writer, options: IndexOptions) -> Summary:
+    """Embed and write every changed row; count what happened."""
+    start = time.perf_counter()
+    summary = Summary(total=len(rows) + len(rejects), rejects=list(rejects))
+    paths = {r.id: r.image_path for r in rows}
+    if rows:
+        dataset = build_dataset(rows, settings, known, options)
+        with ThreadPoolExecutor(max(1, options.writers)) as pool, \
+                tqdm(total=len(rows), desc="index", unit="row") as bar:
+            pending = []
+            for batch in _batches(dataset, options.write_batch):
+                _count(batch, summary)
+                ok = batch["status"] == OK
+                if ok.any():
+                    products = [Product.model_validate_json(j) for j in batch["product_json"][ok]]
+                    images = [Path(paths[p.id]).read_bytes() for p in products]
+                    pending.append(pool.submit(writer, products, images,
+                                               batch["image_vector"][ok], batch["text_vector"][ok]))
+                    summary.indexed += int(ok.sum())
+                    while len(pending) > 2 * options.writers:  # bound what waits in memory
+                        pending.pop(0).result()
+                bar.update(len(ok))
+            for future in pending:
+                future.result()
+    summary.rejected = len(summary.rejects)
+    summary.wall_s = time.perf_counter() - start
+    _record_metrics(summary)
+    return summary
+
+
+def _batches(dataset: ray.data.Dataset, size: int) -> Iterator[dict[str, np.ndarray]]:
+    yield from dataset.iter_batches(batch_size=size, batch_format="numpy", prefetch_batches=2)
+
+
+def _count(batch: dict[str, np.ndarray], summary: Summary) -> None:
+    summary.unchanged += int((batch["status"] == UNCHANGED).sum())
+    for i in np.flatnonzero(batch["status"] == REJECTED):
+        summary.rejects.append(Reject(int(batch["row"][i]), str(batch["id"][i]),
+                                      str(batch["reason"][i])))
+
+
+def _record_metrics(summary: Summary) -> None:
+    """Index job rows by outcome, through Ray's metrics API."""
+    from ray.util.metrics import Counter
+
+    counter = Counter("shopsearch_index_rows", description="Catalogue rows by index outcome.",
+                      tag_keys=("outcome",))
+    for outcome, n in (("indexed", summary.indexed), ("unchanged", summary.unchanged),
+                       ("rejected", summary.rejected)):
+        if n:
+            counter.inc(n, tags={"outcome": outcome})
+
+
+def write_rejects(path: str | Path, rejects: list[Reject]) -> None:
+    """Rejects as JSONL, one `{"row", "id", "reason"}` per line."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(r.as_json() + "\n" for r in sorted(rejects, key=lambda r: r.row)))
+
+
+def summary_json(summary: Summary) -> str:
+    """The summary as one JSON object (for scripts)."""
+    return json.dumps({"total": summary.total, "indexed": summary.indexed,
+                       "unchanged": summary.unchanged, "rejected": summary.rejected,
+                       "wall_s": round(summary.wall_s, 2),
+                       "images_per_s": round(summary.images_per_s, 2)})

@@ -1,0 +1,184 @@
+"""What dynamic batching buys, measured side by side in one run on one machine.
+
+Starts the whole graph on a local Ray instance (config: configs/config.yaml, data in a temp dir),
+then prints:
+  - the bare encoder's own time per image (decode + preprocess + model, no Ray, same threads);
+  - single-client image-query latency p50/p99 over HTTP;
+  - throughput and p50/p99 at 16 and 32 concurrent clients, for each image max_batch_size given
+    (the config's value and 1 = unbatched), each on a freshly started graph over the same data.
+
+    .venv/bin/python -m benchmarks.serve_latency --batch-sizes 8,1 --clients 16,32 --seconds 20
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import ray
+from ray import serve
+
+from batch_index.demo import generate_demo_catalog
+from deployments.encoders import ImageEncoder
+from serve_app.app import build_app
+from serve_app.settings import AppSettings, load_settings
+
+OUT = Path(__file__).resolve().parent / "out"
+
+
+def percentile(values: list[float], q: float) -> float:
+    """q-th percentile (0-100) of a list, in the list's units."""
+    return float(np.percentile(values, q)) if values else float("nan")
+
+
+def bare_encoder_ms(settings: AppSettings, photos: list[bytes], repeats: int = 60) -> float:
+    """Median time of one encoder call on one photo, in this process, without Ray."""
+    encoder = ImageEncoder(settings.image_model, num_threads=settings.image_encoder.threads())
+    for photo in photos[:5]:
+        encoder.embed_bytes([photo])
+    times = []
+    for i in range(repeats):
+        start = time.perf_counter()
+        encoder.embed_bytes([photos[i % len(photos)]])
+        times.append((time.perf_counter() - start) * 1000)
+    return statistics.median(times)
+
+
+async def single_client(url: str, photos: list[bytes], n: int) -> list[float]:
+    """Latencies (ms) of n sequential image queries."""
+    async with httpx.AsyncClient(base_url=url, timeout=60) as client:
+        latencies = []
+        for i in range(n):
+            start = time.perf_counter()
+            r = await client.post("/search/image", files={"image": ("q.jpg", photos[i % 50])})
+            r.raise_for_status()
+            latencies.append((time.perf_counter() - start) * 1000)
+    return latencies
+
+
+async def load(url: str, photos: list[bytes], clients: int, seconds: float) -> dict:
+    """`clients` closed-loop users sending image queries for `seconds`; throughput and latency."""
+    latencies: list[float] = []
+    errors = 0
+    stop = time.perf_counter() + seconds
+    limits = httpx.Limits(max_connections=clients + 4)
+
+    async def user(uid: int, client: httpx.AsyncClient) -> None:
+        nonlocal errors
+        i = uid
+        while time.perf_counter() < stop:
+            start = time.perf_counter()
+            try:
+                r = await client.post("/search/image",
+                                      files={"image": ("q.jpg", photos[i % len(photos)])})
+                if r.status_code == 200:
+                    latencies.append((time.perf_counter() - start) * 1000)
+                else:
+                    errors += 1
+            except httpx.HTTPError:
+                errors += 1
+            i += clients
+
+    async with httpx.AsyncClient(base_url=url, timeout=60, limits=limits) as client:
+        began = time.perf_counter()
+        await asyncio.gather(*(user(u, client) for u in range(clients)))
+        elapsed = time.perf_counter() - began
+    return {"clients": clients, "requests": len(latencies), "errors": errors,
+            "qps": len(latencies) / elapsed, "p50_ms": percentile(latencies, 50),
+            "p99_ms": percentile(latencies, 99)}
+
+
+def wait_ready(url: str, timeout: float = 300) -> None:
+    """Wait until /healthz is 200 and the demo catalogue is indexed."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            r = httpx.get(f"{url}/healthz", timeout=10)
+            if r.status_code == 200 and r.json()["demo_catalog"] in ("done", "skipped "
+                                                                     "(catalogue not empty)"):
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(1)
+    raise TimeoutError("service did not become ready")
+
+
+def run_mode(settings: AppSettings, port: int, photos: list[bytes], args) -> dict:
+    """Start the graph with these settings, measure, shut it down."""
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve.run(build_app(settings), name="bench", route_prefix="/")
+    url = f"http://127.0.0.1:{port}"
+    wait_ready(url)
+    asyncio.run(load(url, photos, 8, 3))  # warm up every replica and batch path
+    result = {"max_batch_size": settings.image_batching.max_batch_size}
+    lat = asyncio.run(single_client(url, photos, args.single))
+    result["single_p50_ms"], result["single_p99_ms"] = percentile(lat, 50), percentile(lat, 99)
+    result["load"] = [asyncio.run(load(url, photos, c, args.seconds)) for c in args.clients]
+    serve.shutdown()
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--config", default="configs/config.yaml")
+    parser.add_argument("--batch-sizes", default="8,1", type=lambda s: [int(x) for x in
+                                                                         s.split(",")])
+    parser.add_argument("--clients", default="16,32", type=lambda s: [int(x) for x in
+                                                                       s.split(",")])
+    parser.add_argument("--seconds", type=float, default=20)
+    parser.add_argument("--single", type=int, default=200, help="sequential queries")
+    parser.add_argument("--port", type=int, default=8123)
+    args = parser.parse_args()
+
+    work = Path(tempfile.mkdtemp(prefix="bench-serve-"))
+    base = load_settings(args.config)
+    overrides = {"milvus": {**base.milvus.model_dump(), "uri": str(work / "milvus.db")},
+                 "media_dir": str(work / "media"),
+                 "demo": {**base.demo.model_dump(), "dir": str(work / "demo")}}
+    csv_path = generate_demo_catalog(work / "demo", base.demo.size)
+    photos = [p.read_bytes() for p in sorted((csv_path.parent / "images").glob("*.jpg"))]
+
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    report = {"date": time.strftime("%Y-%m-%d %H:%M"), "config": args.config,
+              "image_threads": base.image_encoder.threads(),
+              "backend": base.image_model.backend, "modes": []}
+    for size in args.batch_sizes:
+        batching = {**base.image_batching.model_dump(), "max_batch_size": size}
+        settings = load_settings(args.config, **overrides, image_batching=batching)
+        report["modes"].append(run_mode(settings, args.port, photos, args))
+    ray.shutdown()
+    report["bare_encoder_ms"] = bare_encoder_ms(base, photos)
+    print_report(report)
+    OUT.mkdir(exist_ok=True)
+    (OUT / "serve_latency.json").write_text(json.dumps(report, indent=2))
+
+
+def print_report(report: dict) -> None:
+    """A small table and the ratios the issue asks for."""
+    bare = report["bare_encoder_ms"]
+    print(f"\nbare encoder (decode+preprocess+model, 1 image, {report['image_threads']} threads, "
+          f"backend {report['backend']}): {bare:.1f} ms")
+    print(f"{'batch':>5} {'clients':>7} {'qps':>7} {'p50 ms':>8} {'p99 ms':>8} {'errors':>6}")
+    for mode in report["modes"]:
+        print(f"{mode['max_batch_size']:>5} {1:>7} {'-':>7} {mode['single_p50_ms']:>8.1f} "
+              f"{mode['single_p99_ms']:>8.1f} {0:>6}")
+        for row in mode["load"]:
+            print(f"{mode['max_batch_size']:>5} {row['clients']:>7} {row['qps']:>7.1f} "
+                  f"{row['p50_ms']:>8.1f} {row['p99_ms']:>8.1f} {row['errors']:>6}")
+    batched, unbatched = report["modes"][0], report["modes"][-1]
+    if batched is not unbatched:
+        for b, u in zip(batched["load"], unbatched["load"], strict=True):
+            print(f"{b['clients']} clients: batched/unbatched throughput "
+                  f"{b['qps'] / u['qps']:.2f}x, p99 {b['p99_ms']:.0f} vs {u['p99_ms']:.0f} ms")
+    print(f"single-client p50 / bare encoder: {batched['single_p50_ms'] / bare:.2f}x")
+
+
+if __name__ == "__main__":
+    main()

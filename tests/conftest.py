@@ -1,0 +1,102 @@
+"""Shared fixtures: real encoders, a demo catalogue, temporary Milvus Lite, a local Ray + Serve."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+from helpers import free_port, wait_healthy
+
+from batch_index.demo import generate_demo_catalog
+from serve_app.settings import AppSettings, ImageModelSettings, TextModelSettings
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+DATASET = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "fashion-dev"
+
+
+@pytest.fixture(scope="session")
+def model_cache(tmp_path_factory) -> str:
+    return str(tmp_path_factory.mktemp("model-cache"))
+
+
+@pytest.fixture(scope="session")
+def image_encoder(model_cache):
+    from deployments.encoders import ImageEncoder
+
+    return ImageEncoder(ImageModelSettings(cache_dir=model_cache), num_threads=2)
+
+
+@pytest.fixture(scope="session")
+def text_encoder():
+    from deployments.encoders import TextEncoder
+
+    return TextEncoder(TextModelSettings(), num_threads=2)
+
+
+@pytest.fixture(scope="session")
+def demo_catalog(tmp_path_factory) -> Path:
+    """48 demo products (every type in several colours); returns products.csv."""
+    return generate_demo_catalog(tmp_path_factory.mktemp("demo"), n=48)
+
+
+@pytest.fixture(scope="session")
+def fashion_dev() -> Path:
+    if not (DATASET / "products.csv").exists():
+        pytest.skip("../shared/datasets/fashion-dev is not available")
+    return DATASET
+
+
+def make_settings(tmp_path: Path, model_cache: str, **overrides) -> AppSettings:
+    """Settings for a small service whose state lives under tmp_path."""
+    base = {
+        "image_model": {"cache_dir": model_cache},
+        "milvus": {"uri": str(tmp_path / "milvus.db"), "collection": "products"},
+        "media_dir": str(tmp_path / "media"),
+        "demo": {"enabled": True, "size": 48, "dir": str(tmp_path / "demo")},
+        "image_encoder": {"num_cpus": 0.25, "num_threads": 1, "max_replicas": 1},
+        "text_encoder": {"num_cpus": 0.25, "num_threads": 1, "max_replicas": 1},
+        "search": {"num_cpus": 0.1, "max_ongoing_requests": 64},
+        "ingress": {"num_cpus": 0.1, "max_ongoing_requests": 64},
+    }
+    base.update(overrides)
+    return AppSettings(**base)
+
+
+@pytest.fixture(scope="session")
+def settings_factory(model_cache):
+    """Build settings for a service under a given folder: factory(tmp_path, **overrides)."""
+    return lambda tmp_path, **overrides: make_settings(tmp_path, model_cache, **overrides)
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """A local Ray instance of this machine's size, stopped at the end (only what we started)."""
+    import ray
+
+    ray.init(address="local", num_cpus=2, include_dashboard=False,
+             object_store_memory=200 * 1024 * 1024, log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def service_settings(tmp_path_factory, model_cache) -> AppSettings:
+    """Settings of the shared test service (its Milvus Lite and photos live in a temp dir)."""
+    return make_settings(tmp_path_factory.mktemp("service"), model_cache)
+
+
+@pytest.fixture(scope="session")
+def service(ray_local, service_settings):
+    """The whole graph on local Ray with the demo catalogue indexed; yields its base URL."""
+    from ray import serve
+
+    from serve_app.app import build_app
+
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve.run(build_app(service_settings), name="shopsearch", route_prefix="/")
+    url = f"http://127.0.0.1:{port}"
+    wait_healthy(url, products=48)
+    yield url
+    serve.shutdown()

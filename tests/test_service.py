@@ -1,0 +1,178 @@
+"""The whole graph on a local Ray instance, driven over real HTTP."""
+
+from __future__ import annotations
+
+import asyncio
+import csv
+import json
+import time
+
+import httpx
+import pytest
+from helpers import jpeg_bytes
+
+from batch_index.demo import draw_product
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def client(service):
+    with httpx.Client(base_url=service, timeout=60) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def demo_rows(service, tmp_path_factory):
+    """The demo products the service indexed (read back from its own catalogue)."""
+    with httpx.Client(base_url=service, timeout=60) as c:
+        page = c.get("/products", params={"limit": 100}).json()
+    return {r["id"]: r for r in page["results"]}
+
+
+def _image_of(client: httpx.Client, product_id: str) -> bytes:
+    r = client.get(f"/images/{product_id}")
+    assert r.status_code == 200 and r.headers["content-type"] == "image/jpeg"
+    return r.content
+
+
+def test_healthz_reports_models_and_catalogue(client):
+    body = client.get("/healthz").json()
+    assert body["status"] == "ok" and body["products"] >= 48
+    assert body["models"] == {"image_dim": 1280, "text_dim": 384}
+
+
+def test_own_photo_comes_back_first(client, demo_rows):
+    for product_id in ("demo-0005", "demo-0017", "demo-0033"):
+        photo = _image_of(client, product_id)
+        r = client.post("/search/image", files={"image": ("p.jpg", photo, "image/jpeg")},
+                        params={"k": 5})
+        assert r.status_code == 200, r.text
+        body = r.json()
+        assert body["results"][0]["id"] == product_id
+        assert body["results"][0]["score"] == pytest.approx(1.0, abs=1e-3)
+        assert len(body["results"]) == 5 and body["took_ms"] > 0
+        assert body["results"][0]["image_url"] == f"/images/{product_id}"
+
+
+def test_text_search_finds_described_products(client):
+    r = client.post("/search/text", json={"query": "red dress", "k": 3})
+    assert r.status_code == 200, r.text
+    top = r.json()["results"][0]["attributes"]
+    assert top["article_type"] == "Dresses" and top["colour"] == "Red"
+
+
+def test_similar_leaves_out_the_product_itself(client, demo_rows):
+    r = client.get("/products/demo-0021/similar", params={"k": 4})
+    assert r.status_code == 200, r.text
+    ids = [x["id"] for x in r.json()["results"]]
+    assert len(ids) == 4 and "demo-0021" not in ids
+    # Trousers look most like trousers.
+    assert r.json()["results"][0]["attributes"]["article_type"] == "Trousers"
+
+
+def test_upsert_then_find_then_delete(client):
+    photo = jpeg_bytes(draw_product("Mugs", "Purple", "Dotted", seed=4242))
+    product = {"id": "sku-mug-1", "title": "Test Purple Dotted Mug", "category": "Home",
+               "article_type": "Mugs", "colour": "Purple", "price": 9.5,
+               "attributes": {"material": "ceramic"}}
+    r = client.post("/products", files={"image": ("m.jpg", photo, "image/jpeg")},
+                    data={"product": json.dumps(product)})
+    assert r.status_code == 201, r.text
+    assert client.get("/products/sku-mug-1").json()["attributes"]["material"] == "ceramic"
+    assert client.get("/images/sku-mug-1").content == photo
+    found = client.post("/search/image", files={"image": ("q.jpg", photo, "image/jpeg")})
+    assert found.json()["results"][0]["id"] == "sku-mug-1"
+
+    assert client.delete("/products/sku-mug-1").status_code == 204
+    assert client.get("/products/sku-mug-1").status_code == 404
+    assert client.delete("/products/sku-mug-1").status_code == 404
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:  # searches read with bounded staleness
+        again = client.post("/search/image", files={"image": ("q.jpg", photo, "image/jpeg")})
+        if "sku-mug-1" not in [x["id"] for x in again.json()["results"]]:
+            break
+        time.sleep(0.5)
+    else:
+        pytest.fail("deleted product still returned by search")
+
+
+def test_browse_pages_through_the_catalogue(client):
+    first = client.get("/products", params={"limit": 10, "offset": 0}).json()
+    second = client.get("/products", params={"limit": 10, "offset": 10}).json()
+    assert first["total"] >= 48 and len(first["results"]) == 10
+    assert not {r["id"] for r in first["results"]} & {r["id"] for r in second["results"]}
+
+
+@pytest.mark.parametrize(("payload", "status", "code"), [
+    (b"this is text, not a photo", 415, "unsupported_media_type"),
+    (b"", 400, "invalid_image"),
+])
+def test_bad_uploads_get_a_clear_4xx(client, payload, status, code):
+    r = client.post("/search/image", files={"image": ("x.jpg", payload, "image/jpeg")})
+    assert r.status_code == status
+    assert r.json()["error"]["code"] == code and r.json()["error"]["message"]
+
+
+def test_truncated_jpeg_gets_a_4xx(client):
+    photo = _image_of(client, "demo-0001")
+    half = photo[: len(photo) // 2]
+    r = client.post("/search/image", files={"image": ("x.jpg", half, "image/jpeg")})
+    assert r.status_code == 400 and "image" in r.json()["error"]["message"]
+
+
+@pytest.mark.parametrize(("body", "code"), [
+    ({"query": "   "}, "empty_query"),
+    ({"query": "x" * 5000}, "query_too_long"),
+    ({"query": "shoes", "k": 0}, "invalid_k"),
+    ({"query": "shoes", "k": 10_000}, "invalid_k"),
+    ({"k": 3}, "invalid_request"),
+])
+def test_bad_text_queries_get_a_clear_4xx(client, body, code):
+    r = client.post("/search/text", json=body)
+    assert 400 <= r.status_code < 500
+    assert r.json()["error"]["code"] == code
+
+
+def test_bad_product_upsert_names_the_field(client):
+    photo = jpeg_bytes(draw_product("Caps", "Red", "Solid", seed=1))
+    r = client.post("/products", files={"image": ("c.jpg", photo, "image/jpeg")},
+                    data={"product": json.dumps({"id": "bad id with spaces", "title": "x"})})
+    assert r.status_code == 400 and "id" in r.json()["error"]["message"]
+
+
+def test_concurrent_queries_each_get_their_own_answer(service, client):
+    """Requests batched together must not get each other's results; a bad one fails alone."""
+    ids = [f"demo-{i:04d}" for i in range(0, 48, 3)]
+    photos = {i: _image_of(client, i) for i in ids}
+
+    async def run() -> tuple[list[httpx.Response], httpx.Response]:
+        async with httpx.AsyncClient(base_url=service, timeout=60) as ac:
+            good = [ac.post("/search/image", files={"image": ("p.jpg", photos[i])},
+                            params={"k": 1}) for i in ids]
+            truncated = photos[ids[0]][: len(photos[ids[0]]) // 2]  # reaches the encoder batch
+            bad = ac.post("/search/image", files={"image": ("p.jpg", truncated)})
+            *answers, bad_answer = await asyncio.gather(*good, bad)
+            return answers, bad_answer
+
+    answers, bad_answer = asyncio.run(run())
+    assert [a.json()["results"][0]["id"] for a in answers] == ids
+    assert bad_answer.status_code == 400
+
+
+def test_openapi_documents_the_routes(client):
+    assert client.get("/docs").status_code == 200
+    paths = client.get("/openapi.json").json()["paths"]
+    for route in ("/search/image", "/search/text", "/products", "/products/{product_id}",
+                  "/products/{product_id}/similar", "/images/{product_id}", "/healthz"):
+        assert route in paths
+
+
+def test_demo_catalogue_matches_its_csv(service, settings_factory, tmp_path):
+    from batch_index.demo import generate_demo_catalog
+
+    rows = list(csv.DictReader(generate_demo_catalog(tmp_path / "d", 48).open()))
+    with httpx.Client(base_url=service) as c:
+        stored = c.get(f"/products/{rows[10]['id']}").json()
+    assert stored["title"] == rows[10]["title"]
+    assert stored["attributes"]["colour"] == rows[10]["colour"]

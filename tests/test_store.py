@@ -1,0 +1,137 @@
+"""The Milvus store on a temporary embedded Milvus Lite."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from deployments.errors import InvalidInput
+from deployments.products import Product
+from deployments.store import ProductStore, expr_in, literal
+from serve_app.settings import MilvusSettings
+
+IMAGE_DIM, TEXT_DIM = 16, 8
+HOSTILE = ['x" or id != "', "it's", "a\\b", 'back\\"slash', "or 1==1", "ünï©ødé 红", "tab\tnl\n"]
+
+
+def _vectors(n: int, dim: int, seed: int) -> np.ndarray:
+    v = np.random.default_rng(seed).normal(size=(n, dim)).astype(np.float32)
+    return v / np.linalg.norm(v, axis=1, keepdims=True)
+
+
+def _products(n: int) -> list[Product]:
+    colours = ["Red", "Blue", *HOSTILE]
+    return [
+        Product(id=f"p{i}", title=f"Product {i}", colour=colours[i % len(colours)],
+                price=None if i == 3 else float(i), attributes={"material": "cotton", "i": i},
+                image_ref=f"ref{i}", image_hash=f"hash{i}")
+        for i in range(n)
+    ]
+
+
+@pytest.fixture
+def milvus(tmp_path):
+    return MilvusSettings(uri=str(tmp_path / "m.db"), collection="test", index_type="FLAT",
+                          index_params={})
+
+
+@pytest.fixture
+def store(milvus):
+    s = ProductStore(milvus)
+    s.ensure_collection(IMAGE_DIM, TEXT_DIM)
+    yield s
+    s.close()
+
+
+def test_upsert_get_and_count(store):
+    products = _products(12)
+    assert store.upsert(products, _vectors(12, IMAGE_DIM, 1), _vectors(12, TEXT_DIM, 2)) == 12
+    assert store.count() == 12
+    got = store.get(["p3", "p0", "missing"])
+    assert [p.id for p in got] == ["p3", "p0"]
+    assert got[0] == products[3] and got[0].price is None
+    assert got[1].attributes == {"material": "cotton", "i": 0}
+
+
+def test_upsert_replaces_by_id(store):
+    products = _products(4)
+    store.upsert(products, _vectors(4, IMAGE_DIM, 1), _vectors(4, TEXT_DIM, 2))
+    renamed = products[1].model_copy(update={"title": "Renamed"})
+    store.upsert([renamed], _vectors(1, IMAGE_DIM, 9), _vectors(1, TEXT_DIM, 9))
+    assert store.count() == 4
+    assert store.get(["p1"])[0].title == "Renamed"
+
+
+def test_search_is_best_first_and_finds_itself(store):
+    image = _vectors(20, IMAGE_DIM, 1)
+    store.upsert(_products(20), image, _vectors(20, TEXT_DIM, 2))
+    hits = store.search(image[7], "image", k=5)
+    assert hits[0].product.id == "p7" and hits[0].score == pytest.approx(1.0, abs=1e-4)
+    assert [h.score for h in hits] == sorted((h.score for h in hits), reverse=True)
+    excluded = store.search(image[7], "image", k=5, exclude_ids=("p7",))
+    assert "p7" not in [h.product.id for h in excluded]
+
+
+def test_search_by_text_vector_uses_the_text_field(store):
+    text = _vectors(10, TEXT_DIM, 5)
+    store.upsert(_products(10), _vectors(10, IMAGE_DIM, 1), text)
+    assert store.search(text[4], "text", k=1)[0].product.id == "p4"
+
+
+def test_hostile_values_are_matched_literally(store):
+    products = _products(len(HOSTILE) + 2)
+    n = len(products)
+    store.upsert(products, _vectors(n, IMAGE_DIM, 1), _vectors(n, TEXT_DIM, 2))
+    for value in HOSTILE:
+        expected = [p.id for p in products if p.colour == value]
+        found = store.list(limit=100, filter=f"colour == {literal(value)}")
+        assert sorted(p.id for p in found) == sorted(expected), value
+    assert store.get(['p1" or id != "']) == []
+    assert store.count(filter=expr_in("id", ['p0" or 1==1 or id == "'])) == 0
+
+
+def test_literal_rejects_what_it_cannot_escape():
+    with pytest.raises(InvalidInput):
+        literal(float("nan"))
+    with pytest.raises(InvalidInput):
+        literal(object())
+
+
+def test_delete_then_gone(store):
+    store.upsert(_products(5), _vectors(5, IMAGE_DIM, 1), _vectors(5, TEXT_DIM, 2))
+    assert store.delete(["p2", "nope"]) == 1
+    assert store.get(["p2"]) == [] and store.count() == 4
+    assert store.delete(["p2"]) == 0
+
+
+def test_data_survives_reopening(milvus):
+    image = _vectors(6, IMAGE_DIM, 1)
+    first = ProductStore(milvus)
+    first.ensure_collection(IMAGE_DIM, TEXT_DIM)
+    first.upsert(_products(6), image, _vectors(6, TEXT_DIM, 2))
+    first.close()
+    second = ProductStore(milvus)
+    second.ensure_collection(IMAGE_DIM, TEXT_DIM)
+    assert second.count() == 6
+    assert second.search(image[5], "image", k=1)[0].product.id == "p5"
+    assert np.allclose(second.get_vectors("p5")["image"], image[5], atol=1e-6)
+    second.close()
+
+
+def test_dimension_mismatch_is_explained(milvus):
+    first = ProductStore(milvus)
+    first.ensure_collection(IMAGE_DIM, TEXT_DIM)
+    first.close()
+    second = ProductStore(milvus)
+    with pytest.raises(InvalidInput, match="dims"):
+        second.ensure_collection(IMAGE_DIM * 2, TEXT_DIM)
+    second.close()
+
+
+def test_schema_is_explicit(store):
+    fields = {f["name"]: f for f in store._client.describe_collection("test")["fields"]}
+    assert fields["id"]["is_primary"]
+    for name in ("title", "category", "colour", "size", "gender", "price", "attributes",
+                 "image_ref", "image_hash", "image_vector", "text_vector"):
+        assert name in fields
+    assert int(fields["image_vector"]["params"]["dim"]) == IMAGE_DIM
