@@ -27,6 +27,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     common.add_argument("--config", default=str(DEFAULT_CONFIG), help="Serve config file")
     common.add_argument("--milvus-uri", help="Milvus Lite path or server URL (default: config)")
     common.add_argument("--collection", help="collection name (default: config)")
+    common.add_argument("--media-dir", help="where product photos are stored (default: config)")
     parser = argparse.ArgumentParser(prog="python -m batch_index", description=__doc__.split(
         "\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -58,7 +59,8 @@ def settings_for(args: argparse.Namespace) -> AppSettings:
     settings = load_settings(args.config)
     milvus = settings.milvus.model_copy(update={
         k: v for k, v in (("uri", args.milvus_uri), ("collection", args.collection)) if v})
-    return settings.model_copy(update={"milvus": milvus})
+    media_dir = args.media_dir or settings.media_dir
+    return settings.model_copy(update={"milvus": milvus, "media_dir": media_dir})
 
 
 def open_store(settings: AppSettings):

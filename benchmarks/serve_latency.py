@@ -1,7 +1,7 @@
 """What dynamic batching buys, measured side by side in one run on one machine.
 
-Starts the whole graph on a local Ray instance (config: configs/config.yaml, data in a temp dir),
-then prints:
+Starts the whole graph with `serve run` on the config (configs/config.yaml, data in a temp dir),
+drives it over HTTP from this process, and prints:
   - the bare encoder's own time per image (decode + preprocess + model, no Ray, same threads);
   - single-client image-query latency p50/p99 over HTTP;
   - throughput and p50/p99 at 16 and 32 concurrent clients, for each image max_batch_size given
@@ -15,19 +15,20 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import signal
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 import httpx
 import numpy as np
-import ray
-from ray import serve
+import yaml
 
 from batch_index.demo import generate_demo_catalog
 from deployments.encoders import ImageEncoder
-from serve_app.app import build_app
 from serve_app.settings import AppSettings, load_settings
 
 OUT = Path(__file__).resolve().parent / "out"
@@ -95,14 +96,15 @@ async def load(url: str, photos: list[bytes], clients: int, seconds: float) -> d
             "p99_ms": percentile(latencies, 99)}
 
 
-def wait_ready(url: str, timeout: float = 300) -> None:
+def wait_ready(url: str, proc: subprocess.Popen, timeout: float = 300) -> None:
     """Wait until /healthz is 200 and the demo catalogue is indexed."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError("serve run exited early")
         try:
             r = httpx.get(f"{url}/healthz", timeout=10)
-            if r.status_code == 200 and r.json()["demo_catalog"] in ("done", "skipped "
-                                                                     "(catalogue not empty)"):
+            if r.status_code == 200 and r.json()["demo_catalog"] != "indexing":
                 return
         except httpx.HTTPError:
             pass
@@ -110,19 +112,28 @@ def wait_ready(url: str, timeout: float = 300) -> None:
     raise TimeoutError("service did not become ready")
 
 
-def run_mode(settings: AppSettings, port: int, photos: list[bytes], args) -> dict:
-    """Start the graph with these settings, measure, shut it down."""
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(build_app(settings), name="bench", route_prefix="/")
-    url = f"http://127.0.0.1:{port}"
-    wait_ready(url)
-    asyncio.run(load(url, photos, 8, 3))  # warm up every replica and batch path
-    result = {"max_batch_size": settings.image_batching.max_batch_size}
-    lat = asyncio.run(single_client(url, photos, args.single))
-    result["single_p50_ms"], result["single_p99_ms"] = percentile(lat, 50), percentile(lat, 99)
-    result["load"] = [asyncio.run(load(url, photos, c, args.seconds)) for c in args.clients]
-    serve.shutdown()
-    return result
+def run_mode(config: dict, work: Path, port: int, photos: list[bytes], args) -> dict:
+    """`serve run` the graph with this config (as a user would), measure, stop it."""
+    path = work / f"config-{port}.yaml"
+    path.write_text(yaml.safe_dump(config))
+    log = (work / f"serve-{port}.log").open("w")
+    proc = subprocess.Popen([str(Path(sys.executable).parent / "serve"), "run", str(path)],
+                            stdout=log, stderr=subprocess.STDOUT)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        wait_ready(url, proc)
+        asyncio.run(load(url, photos, 8, 3))  # warm up every replica and batch path
+        args_block = config["applications"][0]["args"]
+        result = {"max_batch_size": args_block["image_batching"]["max_batch_size"]}
+        lat = asyncio.run(single_client(url, photos, args.single))
+        result["single_p50_ms"] = percentile(lat, 50)
+        result["single_p99_ms"] = percentile(lat, 99)
+        result["load"] = [asyncio.run(load(url, photos, c, args.seconds)) for c in args.clients]
+        return result
+    finally:
+        proc.send_signal(signal.SIGINT)  # serve run tears down its app and its Ray cluster
+        proc.wait(timeout=120)
+        log.close()
 
 
 def main() -> None:
@@ -139,21 +150,21 @@ def main() -> None:
 
     work = Path(tempfile.mkdtemp(prefix="bench-serve-"))
     base = load_settings(args.config)
-    overrides = {"milvus": {**base.milvus.model_dump(), "uri": str(work / "milvus.db")},
-                 "media_dir": str(work / "media"),
-                 "demo": {**base.demo.model_dump(), "dir": str(work / "demo")}}
+    config = yaml.safe_load(Path(args.config).read_text())
+    config["http_options"]["port"] = args.port
+    app_args = config["applications"][0]["args"]
+    app_args["milvus"]["uri"] = str(work / "milvus.db")
+    app_args["media_dir"] = str(work / "media")
+    app_args["demo"]["dir"] = str(work / "demo")
     csv_path = generate_demo_catalog(work / "demo", base.demo.size)
     photos = [p.read_bytes() for p in sorted((csv_path.parent / "images").glob("*.jpg"))]
 
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     report = {"date": time.strftime("%Y-%m-%d %H:%M"), "config": args.config,
               "image_threads": base.image_encoder.threads(),
               "backend": base.image_model.backend, "modes": []}
     for size in args.batch_sizes:
-        batching = {**base.image_batching.model_dump(), "max_batch_size": size}
-        settings = load_settings(args.config, **overrides, image_batching=batching)
-        report["modes"].append(run_mode(settings, args.port, photos, args))
-    ray.shutdown()
+        app_args["image_batching"]["max_batch_size"] = size
+        report["modes"].append(run_mode(config, work, args.port, photos, args))
     report["bare_encoder_ms"] = bare_encoder_ms(base, photos)
     print_report(report)
     OUT.mkdir(exist_ok=True)

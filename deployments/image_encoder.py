@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 
 import numpy as np
 from ray import serve
@@ -31,15 +32,17 @@ class ImageEncoder:
 
     async def embed(self, image: bytes) -> np.ndarray:
         """One L2-normalised vector for encoded image bytes; InvalidInput if unreadable."""
-        result = await self._embed_batch(image)
+        result = await self._embed_batch((image, time.monotonic()))
         if isinstance(result, InvalidInput):
             raise result
         return result
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.005)
-    async def _embed_batch(self, images: list[bytes]) -> list[np.ndarray | InvalidInput]:
-        metrics.encoder_batch_size().observe(len(images), tags={"encoder": "image"})
-        return await asyncio.to_thread(self._embed_sync, images)
+    async def _embed_batch(
+        self, items: list[tuple[bytes, float]]
+    ) -> list[np.ndarray | InvalidInput]:
+        metrics.observe_batch("image", [enqueued for _, enqueued in items])
+        return await asyncio.to_thread(self._embed_sync, [image for image, _ in items])
 
     def _embed_sync(self, images: list[bytes]) -> list[np.ndarray | InvalidInput]:
         # A bad image fails only its own request, not the batch it shares.

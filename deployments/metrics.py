@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from functools import cache
 
 from ray.util import metrics
@@ -43,3 +44,21 @@ def milvus_latency_ms() -> metrics.Histogram:
         "shopsearch_milvus_latency_ms", description="Milvus call latency (ms).",
         boundaries=LATENCY_BOUNDARIES_MS, tag_keys=("op", "outcome"),
     )
+
+
+@cache
+def encoder_queue_wait_ms() -> metrics.Histogram:
+    """Time a request waits in an encoder replica before its batch runs."""
+    return metrics.Histogram(
+        "shopsearch_encoder_queue_wait_ms", description="Wait before an encoder batch (ms).",
+        boundaries=LATENCY_BOUNDARIES_MS, tag_keys=("encoder",),
+    )
+
+
+def observe_batch(encoder: str, enqueued: list[float]) -> None:
+    """Record one batch: its size and how long each item waited for it."""
+    now = time.monotonic()
+    tags = {"encoder": encoder}
+    encoder_batch_size().observe(len(enqueued), tags=tags)
+    for started in enqueued:
+        encoder_queue_wait_ms().observe((now - started) * 1000, tags=tags)

@@ -18,14 +18,16 @@ from ray.serve.handle import DeploymentHandle
 
 from deployments import metrics
 from deployments.errors import NotFound
+from deployments.filters import Filters
 from deployments.ingest import write_products
 from deployments.media import MediaStore
 from deployments.products import Product
-from deployments.store import Hit, ProductStore, VectorField, literal
+from deployments.store import Hit, ProductStore, VectorField, filter_expression, literal
 from serve_app.settings import MilvusSettings
 
 log = logging.getLogger("ray.serve")
 T = TypeVar("T")
+ATTRIBUTES_TTL_S = 30.0
 
 
 @serve.deployment
@@ -43,6 +45,7 @@ class ProductSearch:
         self.store.ensure_collection(image_dim, text_dim)
         self.media = MediaStore(media_dir)
         self.dims = {"image": image_dim, "text": text_dim}
+        self._attributes: tuple[float, dict[str, dict[str, int]]] | None = None
 
     async def _call(self, op: str, func: Callable[..., T], *args: Any) -> T:
         """Run a blocking store call off the event loop, timing it."""
@@ -58,13 +61,14 @@ class ProductSearch:
             metrics.milvus_latency_ms().observe(ms, tags={"op": op, "outcome": outcome})
 
     async def search(
-        self, field: VectorField, vector: np.ndarray, k: int, filter: str = "",
-        exclude_ids: tuple[str, ...] = (),
+        self, field: VectorField, vector: np.ndarray, k: int, filters: Filters | None = None,
+        exclude_ids: tuple[str, ...] = (), extra_filter: str = "",
     ) -> list[Hit]:
-        """Top-k products by similarity of the `field` vector, best first."""
-        return await self._call("search", self.store.search, vector, field, k, filter, exclude_ids)
+        """Top-k products by similarity of the `field` vector, best first, within filters."""
+        expr = await self._expression(filters, extra_filter)
+        return await self._call("search", self.store.search, vector, field, k, expr, exclude_ids)
 
-    async def similar(self, product_id: str, k: int) -> list[Hit]:
+    async def similar(self, product_id: str, k: int, filters: Filters | None = None) -> list[Hit]:
         """Products that look like a stored one (its stored image vector), itself and copies of
         its photo left out."""
         product = await self.get(product_id)
@@ -72,7 +76,23 @@ class ProductSearch:
         if vectors is None:
             raise NotFound(f"no product with id {product_id!r}")
         duplicates = f"image_hash != {literal(product.image_hash)}" if product.image_hash else ""
-        return await self.search("image", vectors["image"], k, duplicates, (product_id,))
+        return await self.search("image", vectors["image"], k, filters, (product_id,), duplicates)
+
+    async def attributes(self) -> dict[str, dict[str, int]]:
+        """Each filterable field's values with counts (cached for a few seconds)."""
+        now = time.monotonic()
+        if self._attributes is None or now - self._attributes[0] > ATTRIBUTES_TTL_S:
+            counts = await self._call("attributes", self.store.attribute_counts)
+            self._attributes = (now, counts)
+        return self._attributes[1]
+
+    async def _expression(self, filters: Filters | None, extra: str = "") -> str:
+        clauses = [extra] if extra else []
+        if filters is not None and not filters.is_empty():
+            vocabulary = {name: {str(v).lower(): v for v in values if isinstance(v, str)}
+                          for name, values in (await self.attributes()).items()}
+            clauses.append(filter_expression(filters, vocabulary))
+        return " and ".join(f"({c})" for c in clauses)
 
     async def get(self, product_id: str) -> Product:
         """One product; NotFound if absent."""
@@ -104,6 +124,7 @@ class ProductSearch:
         text_vectors: np.ndarray,
     ) -> list[Product]:
         """Insert-or-replace products with their photos and vectors (also the bulk path)."""
+        self._attributes = None  # new values may have appeared
         return await self._call("upsert", write_products, self.store, self.media, products,
                                 images, image_vectors, text_vectors)
 

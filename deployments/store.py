@@ -11,6 +11,7 @@ import functools
 import json
 import logging
 import threading
+from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +21,7 @@ import numpy as np
 from pymilvus import DataType, MilvusClient, MilvusException
 
 from deployments.errors import BackendUnavailable, InvalidInput
+from deployments.filters import Filters
 from deployments.products import STRING_FIELDS, Product
 from serve_app.settings import MilvusSettings
 
@@ -57,13 +59,42 @@ def expr_in(field: str, values: Iterable[Any]) -> str:
     return f"{field} in [{', '.join(literal(v) for v in values)}]"
 
 
+def filter_expression(filters: Filters, vocabulary: dict[str, dict[str, str]] | None = None) -> str:
+    """A Milvus boolean expression for the filters, every value escaped. `vocabulary` maps a
+    field's lower-cased values to the catalogue's spelling, so `red` finds `Red`."""
+    vocabulary = vocabulary or {}
+    clauses = []
+    for name in STRING_FIELDS:
+        values = getattr(filters, name)
+        if values:
+            known = vocabulary.get(name, {})
+            clauses.append(expr_in(name, [known.get(v.lower(), v) for v in values]))
+    if filters.price_min is not None:
+        clauses.append(f"price >= {literal(filters.price_min)}")
+    if filters.price_max is not None:
+        clauses.append(f"price <= {literal(filters.price_max)}")
+    for name, values in filters.attributes.items():
+        path = f"attributes[{literal(name)}]"  # JSON paths take == only, not `in`
+        clauses.append("(" + " or ".join(f"{path} == {literal(v)}" for v in values) + ")")
+    return " and ".join(clauses)
+
+
 def _backend_errors(func):
-    """Turn client failures into BackendUnavailable, which the API answers with a 503."""
+    """Turn client failures into BackendUnavailable (the API answers 503). A collection found
+    released (a restarted server forgets what was loaded) is loaded again and the call retried."""
 
     @functools.wraps(func)
-    def wrapper(*args, **kwargs):
+    def wrapper(self: ProductStore, *args, **kwargs):
         try:
-            return func(*args, **kwargs)
+            try:
+                return func(self, *args, **kwargs)
+            except MilvusException as exc:
+                if "released" not in exc.message and "not loaded" not in exc.message:
+                    raise
+                log.warning("collection %s was released; loading it again", self.collection)
+                self._client.load_collection(self.collection,
+                                             replica_number=self.settings.replica_number)
+                return func(self, *args, **kwargs)
         except MilvusException as exc:
             raise BackendUnavailable(f"Milvus failed: {exc.message}") from exc
         except (ConnectionError, TimeoutError) as exc:
@@ -79,6 +110,8 @@ class ProductStore:
         self.settings = settings
         self.collection = settings.collection
         self._write_lock = threading.Lock()
+        self._read = {"timeout": settings.read_timeout_s}
+        self._write = {"timeout": settings.timeout_s}
         self._client = self._connect()
 
     @_backend_errors
@@ -151,7 +184,7 @@ class ProductStore:
     @_backend_errors
     def ping(self) -> None:
         """Raise BackendUnavailable unless Milvus answers."""
-        self._client.has_collection(self.collection, timeout=self.settings.timeout_s)
+        self._client.has_collection(self.collection, **self._read)
 
     def close(self) -> None:
         """Release the client (Milvus Lite flushes and frees the data dir)."""
@@ -172,7 +205,7 @@ class ProductStore:
             for p, iv, tv in zip(products, image_vectors, text_vectors, strict=True)
         ]
         with self._write_lock:
-            result = self._client.upsert(self.collection, rows)
+            result = self._client.upsert(self.collection, rows, **self._write)
         return int(result.get("upsert_count", len(rows)))
 
     @staticmethod
@@ -187,7 +220,8 @@ class ProductStore:
         existing = [p.id for p in self.get(ids)]
         if existing:
             with self._write_lock:
-                self._client.delete(self.collection, filter=expr_in("id", existing))
+                self._client.delete(self.collection, filter=expr_in("id", existing),
+                                    **self._write)
         return len(existing)
 
     # -- reads --------------------------------------------------------------------------
@@ -198,7 +232,7 @@ class ProductStore:
             return []
         rows = self._client.query(
             self.collection, filter=expr_in("id", ids), output_fields=list(SCALAR_FIELDS),
-            consistency_level="Strong",
+            consistency_level="Strong", **self._read,
         )
         by_id = {r["id"]: self._product(r) for r in rows}
         return [by_id[i] for i in ids if i in by_id]
@@ -208,7 +242,7 @@ class ProductStore:
         """The stored image and text vectors of one product, or None."""
         rows = self._client.query(
             self.collection, filter=expr_in("id", [product_id]),
-            output_fields=list(VECTOR_FIELDS.values()), consistency_level="Strong",
+            output_fields=list(VECTOR_FIELDS.values()), consistency_level="Strong", **self._read,
         )
         if not rows:
             return None
@@ -223,7 +257,8 @@ class ProductStore:
             if not ids:
                 return {}
             rows = self._client.query(self.collection, filter=expr_in("id", ids),
-                                      output_fields=fields, consistency_level="Strong")
+                                      output_fields=fields, consistency_level="Strong",
+                                      **self._write)
             return {r["id"]: r["fingerprint"] for r in rows}
         found: dict[str, str] = {}
         iterator = self._client.query_iterator(self.collection, batch_size=4096,
@@ -238,15 +273,33 @@ class ProductStore:
         """Browse products (in storage order)."""
         rows = self._client.query(
             self.collection, filter=filter, limit=limit, offset=offset,
-            output_fields=list(SCALAR_FIELDS),
+            output_fields=list(SCALAR_FIELDS), **self._read,
         )
         return [self._product(r) for r in rows]
+
+    @_backend_errors
+    def attribute_counts(self, max_values: int = 100) -> dict[str, dict[str, int]]:
+        """For each typed field and JSON attribute: its most common values with counts."""
+        counts: dict[str, Counter] = {name: Counter() for name in STRING_FIELDS}
+        iterator = self._client.query_iterator(
+            self.collection, batch_size=4096, output_fields=[*STRING_FIELDS, "attributes"])
+        while batch := iterator.next():
+            for row in batch:
+                for name in STRING_FIELDS:
+                    if row.get(name):
+                        counts[name][row[name]] += 1
+                for name, value in (row.get("attributes") or {}).items():
+                    if isinstance(value, str | int | float | bool):
+                        counts.setdefault(name, Counter())[value] += 1
+        iterator.close()
+        return {name: dict(c.most_common(max_values)) for name, c in counts.items() if c}
 
     @_backend_errors
     def count(self, filter: str = "") -> int:
         """Number of products stored."""
         rows = self._client.query(
-            self.collection, filter=filter, output_fields=["count(*)"], consistency_level="Strong"
+            self.collection, filter=filter, output_fields=["count(*)"],
+            consistency_level="Strong", **self._read,
         )
         return int(rows[0]["count(*)"]) if rows else 0
 
@@ -268,7 +321,7 @@ class ProductStore:
             anns_field=VECTOR_FIELDS[field], limit=k, filter=expr,
             output_fields=list(SCALAR_FIELDS),
             search_params={"metric_type": self.settings.metric,
-                           "params": self.settings.search_params},
+                           "params": self.settings.search_params}, **self._read,
         )
         return [Hit(self._product(h["entity"]), float(h["distance"])) for h in result[0]]
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 
 import numpy as np
 from ray import serve
@@ -28,9 +29,9 @@ class TextEncoder:
 
     async def embed(self, text: str) -> np.ndarray:
         """One L2-normalised vector for a string."""
-        return await self._embed_batch(text)
+        return await self._embed_batch((text, time.monotonic()))
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.005)
-    async def _embed_batch(self, texts: list[str]) -> list[np.ndarray]:
-        metrics.encoder_batch_size().observe(len(texts), tags={"encoder": "text"})
-        return list(await asyncio.to_thread(self.encoder.embed, texts))
+    async def _embed_batch(self, items: list[tuple[str, float]]) -> list[np.ndarray]:
+        metrics.observe_batch("text", [enqueued for _, enqueued in items])
+        return list(await asyncio.to_thread(self.encoder.embed, [text for text, _ in items]))

@@ -8,31 +8,41 @@ status codes in one place, `error_response`.
 
 import asyncio
 import csv
+import itertools
 import json
 import logging
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 
 from fastapi import FastAPI, File, Form, Query, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
 from pydantic import ValidationError
 from ray import serve
 from ray.exceptions import RayActorError
-from ray.serve.exceptions import BackPressureError
+from ray.serve.exceptions import (
+    BackPressureError,
+    DeploymentUnavailableError,
+    ReplicaUnavailableError,
+)
 from ray.serve.handle import DeploymentHandle
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from batch_index.demo import generate_demo_catalog
 from deployments import metrics
 from deployments.errors import BackendUnavailable, InvalidInput, NotFound, SearchError
-from deployments.media import EXTENSIONS, sniff_content_type
+from deployments.filters import filters_from_params, parse_filters
+from deployments.media import check_image
 from deployments.products import Product
 from serve_app.schemas import ErrorResponse, ProductPage, ResultItem, SearchResponse, TextQuery
 from serve_app.settings import AppSettings
 
 log = logging.getLogger("ray.serve")
+T = TypeVar("T")
 
+WEB_DIR = Path(__file__).resolve().parent / "web"
 STATUS_BY_CODE = {"upload_too_large": 413, "image_too_large": 413, "unsupported_media_type": 415}
 ERRORS = {400: {"model": ErrorResponse}, 404: {"model": ErrorResponse},
           503: {"model": ErrorResponse}}
@@ -50,14 +60,17 @@ def error_response(exc: Exception) -> JSONResponse:
         status = STATUS_BY_CODE.get(exc.code, 400)
     elif isinstance(exc, NotFound):
         status = 404
-    elif isinstance(exc, BackendUnavailable | RayActorError | BackPressureError | TimeoutError):
+    elif isinstance(exc, BackendUnavailable | RayActorError | BackPressureError | TimeoutError
+                    | ReplicaUnavailableError | DeploymentUnavailableError):
         status = 503
     else:
         status = 500
     if isinstance(exc, SearchError):
         code, message = exc.code, exc.message
+    elif isinstance(exc, TimeoutError):
+        code, message = "timeout", "the request took longer than its time budget; retry"
     elif status == 503:
-        code, message = "unavailable", f"service busy or a component is down, retry: {exc}"
+        code, message = "unavailable", "service busy or a component is down; retry shortly"
     else:
         code, message = "internal", "internal error"
     headers = {"Retry-After": "1"} if status == 503 else None
@@ -67,11 +80,23 @@ def error_response(exc: Exception) -> JSONResponse:
 @api.exception_handler(SearchError)
 @api.exception_handler(RayActorError)
 @api.exception_handler(BackPressureError)
+@api.exception_handler(ReplicaUnavailableError)
+@api.exception_handler(DeploymentUnavailableError)
 @api.exception_handler(TimeoutError)
 async def _on_error(request: Request, exc: Exception) -> JSONResponse:
-    if not isinstance(exc, SearchError):
+    response = error_response(exc)
+    error = json.loads(response.body)["error"]
+    _log_extra(request, error=f"{error['code']}: {error['message']}"[:500])
+    if response.status_code >= 500:
         log.warning("request failed: %s %s: %r", request.method, request.url.path, exc)
-    return error_response(exc)
+    return response
+
+
+@api.exception_handler(StarletteHTTPException)
+async def _on_http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+    return JSONResponse({"error": {"code": code, "message": str(exc.detail)}}, exc.status_code,
+                        headers=getattr(exc, "headers", None))
 
 
 @api.exception_handler(RequestValidationError)
@@ -102,6 +127,15 @@ async def _log_request(request: Request, call_next):
                   "status": status, "duration_ms": round(ms, 2),
                   **request.scope.get("log_extra", {})}
         log.info("request %s", json.dumps(fields), extra=fields)
+
+
+def replica_failed(exc: BaseException) -> bool:
+    """Whether an error means a replica died or vanished (worth retrying elsewhere)."""
+    while exc is not None:
+        if isinstance(exc, RayActorError | ReplicaUnavailableError | DeploymentUnavailableError):
+            return True
+        exc = getattr(exc, "cause", None) or exc.__cause__
+    return False
 
 
 def _request_id() -> str:
@@ -144,19 +178,22 @@ class SearchAPI:
 
     # -- search ---------------------------------------------------------------------------
     @api.post("/search/image", response_model=SearchResponse, responses=ERRORS,
-              summary="Products that look like an uploaded photo")
+              summary="Products that look like an uploaded photo",
+              description="Filters as query parameters: `colour=Red&colour=Blue`, `gender=Men`, "
+              "`price_min=10&price_max=50`, `attr.<name>=value` (any field of /attributes).")
     async def search_image(
         self, request: Request, image: Annotated[UploadFile, File(description="Product photo")],
         k: Annotated[int, Query(description="How many results")] = 10,
     ) -> SearchResponse:
         start = time.perf_counter()
         k = self._check_k(k)
+        filters = filters_from_params(request.query_params.multi_items(), {"k"})
         data = await self._read_image(image)
         # The vector goes from the encoder straight to the search replica (Serve resolves a
         # DeploymentResponse passed as an argument), not through this replica.
-        vector = self.image_encoder.embed.remote(data)
-        hits = await self.search.search.remote("image", vector, k)
-        _log_extra(request, modality="image", k=k, results=len(hits))
+        hits = await self._call(lambda: self.search.search.remote(
+            "image", self.image_encoder.embed.remote(data), k, filters))
+        _log_extra(request, modality="image", k=k, filters=filters.used(), results=len(hits))
         return SearchResponse.of(hits, (time.perf_counter() - start) * 1000)
 
     @api.post("/search/text", response_model=SearchResponse, responses=ERRORS,
@@ -165,9 +202,10 @@ class SearchAPI:
         start = time.perf_counter()
         k = self._check_k(body.k)
         text = self._check_text(body.query)
-        vector = self.text_encoder.embed.remote(text)
-        hits = await self.search.search.remote("text", vector, k)
-        _log_extra(request, modality="text", k=k, results=len(hits))
+        filters = parse_filters(body.filters)
+        hits = await self._call(lambda: self.search.search.remote(
+            "text", self.text_encoder.embed.remote(text), k, filters))
+        _log_extra(request, modality="text", k=k, filters=filters.used(), results=len(hits))
         return SearchResponse.of(hits, (time.perf_counter() - start) * 1000)
 
     # -- catalogue ------------------------------------------------------------------------
@@ -176,25 +214,27 @@ class SearchAPI:
         self, limit: Annotated[int, Query(ge=1, le=100)] = 20,
         offset: Annotated[int, Query(ge=0, le=100_000)] = 0,
     ) -> ProductPage:
-        page, total = await self.search.browse.remote(limit, offset)
+        page, total = await self._call(lambda: self.search.browse.remote(limit, offset))
         return ProductPage(results=[ResultItem.of(p) for p in page], total=total, limit=limit,
                            offset=offset)
 
     @api.get("/products/{product_id}", response_model=ResultItem, responses=ERRORS,
              summary="One product")
     async def get_product(self, product_id: str) -> ResultItem:
-        return ResultItem.of(await self.search.get.remote(product_id))
+        return ResultItem.of(await self._call(lambda: self.search.get.remote(product_id)))
 
     @api.get("/products/{product_id}/similar", response_model=SearchResponse, responses=ERRORS,
-             summary="Products that look like a catalogue product")
+             summary="Products that look like a catalogue product",
+             description="Accepts the same filter query parameters as /search/image.")
     async def similar(
         self, request: Request, product_id: str,
         k: Annotated[int, Query(description="How many results")] = 10,
     ) -> SearchResponse:
         start = time.perf_counter()
         k = self._check_k(k)
-        hits = await self.search.similar.remote(product_id, k)
-        _log_extra(request, modality="similar", k=k, results=len(hits))
+        filters = filters_from_params(request.query_params.multi_items(), {"k"})
+        hits = await self._call(lambda: self.search.similar.remote(product_id, k, filters))
+        _log_extra(request, modality="similar", k=k, filters=filters.used(), results=len(hits))
         return SearchResponse.of(hits, (time.perf_counter() - start) * 1000)
 
     @api.post("/products", response_model=ResultItem, status_code=201, responses=ERRORS,
@@ -215,14 +255,31 @@ class SearchAPI:
     @api.delete("/products/{product_id}", status_code=204, responses=ERRORS,
                 summary="Remove a product")
     async def delete_product(self, product_id: str) -> Response:
-        await self.search.delete.remote(product_id)
+        # Not retried: a delete that succeeded before its replica died would then say 404.
+        await self._call(lambda: self.search.delete.remote(product_id), retry=False)
         return Response(status_code=204)
+
+    @api.get("/attributes", summary="Filterable fields and their values, with counts")
+    async def attributes(self) -> dict[str, dict[str, int]]:
+        return await self._call(lambda: self.search.attributes.remote())
 
     @api.get("/images/{product_id}", responses=ERRORS, summary="The stored product photo",
              response_class=Response)
     async def product_image(self, product_id: str) -> Response:
-        data, mime = await self.search.image.remote(product_id)
+        data, mime = await self._call(lambda: self.search.image.remote(product_id))
         return Response(data, media_type=mime, headers={"Cache-Control": "public, max-age=300"})
+
+    # -- the shopper's page ---------------------------------------------------------------
+    @api.get("/", include_in_schema=False, response_class=HTMLResponse)
+    async def page(self) -> HTMLResponse:
+        return HTMLResponse((WEB_DIR / "index.html").read_text())
+
+    @api.get("/static/{name}", include_in_schema=False)
+    async def static(self, name: str) -> FileResponse:
+        path = (WEB_DIR / "static" / name).resolve()
+        if path.parent != (WEB_DIR / "static").resolve() or not path.is_file():
+            raise NotFound(f"no static file {name!r}")
+        return FileResponse(path, headers={"Cache-Control": "public, max-age=60"})
 
     # -- operations -----------------------------------------------------------------------
     @api.get("/healthz", summary="200 when the models are loaded and Milvus answers")
@@ -243,12 +300,25 @@ class SearchAPI:
 
     # -- helpers --------------------------------------------------------------------------
     async def _upsert(self, product: Product, image: bytes) -> Product:
-        """Embed a product's photo and text, then store it."""
-        image_vector, text_vector = await asyncio.gather(
-            self.image_encoder.embed.remote(image),
-            self.text_encoder.embed.remote(product.embedding_text()),
-        )
-        return await self.search.upsert.remote(product, image, image_vector, text_vector)
+        """Embed a product's photo and text, then store it (idempotent: upsert by id)."""
+        return await self._call(lambda: self.search.upsert.remote(
+            product, image, self.image_encoder.embed.remote(image),
+            self.text_encoder.embed.remote(product.embedding_text())))
+
+    async def _call(self, make: Callable[[], Awaitable[T]], retry: bool = True) -> T:
+        """Await a handle call within the request's time budget; retry it (bounded, with
+        backoff) when a replica died under it, so Serve routes it to a live one."""
+        policy = self.settings.resilience
+        async with asyncio.timeout(policy.request_timeout_s):
+            for attempt in itertools.count():
+                try:
+                    return await make()
+                except Exception as exc:
+                    if not (retry and attempt < policy.retries and replica_failed(exc)):
+                        raise
+                    log.warning("retrying after replica failure: %r", exc)
+                    await asyncio.sleep(policy.retry_backoff_s * 2**attempt)
+        raise AssertionError("unreachable")
 
     async def _read_image(self, upload: UploadFile) -> bytes:
         limit = self.limits.max_upload_bytes
@@ -258,9 +328,7 @@ class SearchAPI:
                                code="upload_too_large")
         if not data:
             raise InvalidInput("the image upload is empty", code="invalid_image")
-        if sniff_content_type(data) not in EXTENSIONS:
-            raise InvalidInput("the upload is not a readable JPEG, PNG, WEBP or GIF image",
-                               code="unsupported_media_type")
+        check_image(data, self.limits.max_image_pixels)
         return data
 
     def _check_k(self, k: int) -> int:

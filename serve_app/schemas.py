@@ -15,6 +15,9 @@ class TextQuery(BaseModel):
 
     query: str = Field(description="What the shopper typed")
     k: int = Field(10, description="How many results")
+    filters: dict[str, Any] | None = Field(
+        None, description='e.g. {"colour": ["Red"], "gender": "Women", "price_max": 50, '
+        '"attributes": {"material": "cotton"}}')
 
 
 class ResultItem(BaseModel):

@@ -89,7 +89,8 @@ class MilvusSettings(BaseModel):
     num_shards: int = Field(1, ge=1)
     replica_number: int = Field(1, ge=1)
     consistency_level: Literal["Strong", "Bounded", "Session", "Eventually"] = "Bounded"
-    timeout_s: float = Field(5.0, gt=0)
+    timeout_s: float = Field(5.0, gt=0, description="connect and write timeout")
+    read_timeout_s: float = Field(1.0, gt=0, description="search / query timeout: fail fast")
 
     @property
     def is_lite(self) -> bool:
@@ -104,6 +105,15 @@ class LimitSettings(BaseModel):
     max_image_pixels: int = Field(40_000_000, ge=1024)
     max_text_chars: int = Field(1000, ge=1)
     max_k: int = Field(100, ge=1)
+
+
+class ResilienceSettings(BaseModel):
+    """How the ingress rides out failed replicas and slow parts."""
+
+    retries: int = Field(2, ge=0, le=5, description="retries of idempotent calls on a failed "
+                         "replica")
+    retry_backoff_s: float = Field(0.05, ge=0, le=5)
+    request_timeout_s: float = Field(10.0, gt=0, description="end-to-end budget per request")
 
 
 class DemoSettings(BaseModel):
@@ -131,6 +141,7 @@ class AppSettings(BaseSettings):
     search: ScalingSettings = Field(default_factory=ScalingSettings)
     ingress: ScalingSettings = Field(default_factory=ScalingSettings)
     limits: LimitSettings = Field(default_factory=LimitSettings)
+    resilience: ResilienceSettings = Field(default_factory=ResilienceSettings)
     demo: DemoSettings = Field(default_factory=DemoSettings)
     media_dir: str = "./data/media"
 

@@ -176,3 +176,40 @@ def test_demo_catalogue_matches_its_csv(service, settings_factory, tmp_path):
         stored = c.get(f"/products/{rows[10]['id']}").json()
     assert stored["title"] == rows[10]["title"]
     assert stored["attributes"]["colour"] == rows[10]["colour"]
+
+
+def test_filters_narrow_every_search_route(client):
+    photo = _image_of(client, "demo-0005")
+    r = client.post("/search/image", files={"image": ("p.jpg", photo)},
+                    params={"k": 8, "colour": ["red", "Blue"], "price_max": 200})
+    assert r.status_code == 200, r.text
+    colours = {x["attributes"]["colour"] for x in r.json()["results"]}
+    assert colours and colours <= {"Red", "Blue"}  # "red" matched the catalogue's "Red"
+
+    r = client.post("/search/text", json={"query": "shoes", "k": 5,
+                                           "filters": {"article_type": "Sports Shoes"}})
+    assert {x["attributes"]["article_type"] for x in r.json()["results"]} == {"Sports Shoes"}
+
+    r = client.get("/products/demo-0005/similar", params={"k": 5, "category": "Footwear"})
+    assert {x["attributes"]["category"] for x in r.json()["results"]} == {"Footwear"}
+
+    r = client.get("/products/demo-0005/similar", params={"attr.pattern": "Solid", "k": 30})
+    assert {x["attributes"]["pattern"] for x in r.json()["results"]} == {"Solid"}
+
+
+@pytest.mark.parametrize("params", [{"flavour": "mint"}, {"price_min": "cheap"},
+                                    {"colour": 'Red" or id != "'}])
+def test_bad_or_hostile_filters_never_widen_results(client, params):
+    photo = _image_of(client, "demo-0005")
+    r = client.post("/search/image", files={"image": ("p.jpg", photo)}, params=params)
+    if r.status_code == 200:  # a hostile value is just a colour nobody has
+        assert r.json()["results"] == []
+    else:
+        assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_filter"
+
+
+def test_attributes_lists_values_with_counts(client):
+    body = client.get("/attributes").json()
+    assert body["colour"]["Red"] >= 1 and "Dresses" in body["article_type"]
+    assert sum(body["category"].values()) >= 48
+    assert "pattern" in body  # JSON attributes are listed too

@@ -1,0 +1,80 @@
+"""Fault injection on real parts, shared by the stress benchmark and the fault tests:
+a Milvus server process that can be stopped and restarted, and killing a Serve replica."""
+
+from __future__ import annotations
+
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import ray
+
+
+class LiteServer:
+    """A `milvus-lite server` process (gRPC, like a real Milvus) on a fixed port and data dir."""
+
+    def __init__(self, data_dir: str | Path, port: int) -> None:
+        self.data_dir = Path(data_dir)
+        self.port = port
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def uri(self) -> str:
+        """What MilvusClient connects to."""
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self, timeout: float = 30) -> None:
+        """Start the server and wait until it accepts connections."""
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        exe = Path(sys.executable).parent / "milvus-lite"
+        self.proc = subprocess.Popen(
+            [str(exe), "server", "--data-dir", str(self.data_dir), "--host", "127.0.0.1",
+             "--port", str(self.port)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"milvus-lite server exited with {self.proc.returncode}")
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=0.5).close()
+                return
+            except OSError:
+                time.sleep(0.1)
+        raise TimeoutError("milvus-lite server did not start")
+
+    def stop(self, hard: bool = False) -> None:
+        """Stop the server (SIGKILL when hard, else SIGTERM) and wait for it to exit."""
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL if hard else signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.proc = None
+
+
+def replica_actor_names(app: str, deployment: str) -> list[str]:
+    """Names of the live replica actors of a deployment (needs a connected Ray driver)."""
+    prefix = f"SERVE_REPLICA::{app}#{deployment}#"
+    return sorted(a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
+                  if a["name"].startswith(prefix))
+
+
+def kill_replica(app: str, deployment: str) -> str:
+    """Kill one replica of a deployment outright (Serve then starts a replacement)."""
+    names = replica_actor_names(app, deployment)
+    if not names:
+        raise LookupError(f"no replica of {app}/{deployment}")
+    ray.kill(ray.get_actor(names[0], namespace="serve"), no_restart=True)
+    return names[0]
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

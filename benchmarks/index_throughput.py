@@ -1,0 +1,192 @@
+"""Bulk embedding throughput, three ways, in one run on one machine (fashion-dev by default):
+
+  (a) naive: one image at a time through the model, one insert per image (as in the brief);
+      shown with torch eager (the brief's way) and with our ONNX encoder at batch 1;
+  (b) in-process ceiling: the same encoder, batched, one process, no Ray;
+  (c) the Ray Data job (`python -m batch_index index`), as a user runs it.
+
+Each mode runs in its own process with a fresh Milvus Lite store; peak memory is the process
+tree's summed RSS (Ray workers included), sampled every 0.2 s.
+
+    .venv/bin/python -m benchmarks.index_throughput [--dataset DIR] [--naive-rows 400]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import psutil
+
+DEFAULT_DATASET = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "fashion-dev"
+OUT = Path(__file__).resolve().parent / "out"
+
+
+def _settings(work: Path, backend: str = "auto"):
+    from serve_app.settings import load_settings
+
+    s = load_settings()
+    return s.model_copy(update={
+        "milvus": s.milvus.model_copy(update={"uri": str(work / "milvus.db")}),
+        "image_model": s.image_model.model_copy(update={"backend": backend}),
+        "media_dir": str(work / "media"),
+    })
+
+
+def run_naive(dataset: Path, work: Path, rows: int, backend: str) -> dict:
+    """One photo at a time: decode, embed, embed its text, insert it."""
+    from batch_index.catalog import read_csv_catalog
+    from deployments.encoders import ImageEncoder, TextEncoder
+    from deployments.ingest import write_products
+    from deployments.media import MediaStore
+    from deployments.products import Product
+    from deployments.store import ProductStore
+
+    settings = _settings(work, backend)
+    catalog, _ = read_csv_catalog(dataset / "products.csv")
+    image_encoder = ImageEncoder(settings.image_model, num_threads=2)
+    text_encoder = TextEncoder(settings.text_model, num_threads=2)
+    store, media = ProductStore(settings.milvus), MediaStore(settings.media_dir)
+    store.ensure_collection(image_encoder.dim, text_encoder.dim)
+    start = time.perf_counter()
+    for row in catalog[:rows]:
+        product = Product.model_validate_json(row.product_json)
+        photo = Path(row.image_path).read_bytes()
+        vector = image_encoder.embed_bytes([photo])
+        text = text_encoder.embed([product.embedding_text()])
+        write_products(store, media, [product], [photo], vector, text)
+    wall = time.perf_counter() - start
+    store.close()
+    return {"rows": rows, "wall_s": wall, "images_per_s": rows / wall}
+
+
+def run_ceiling(dataset: Path, work: Path, rows: int | None, batch: int = 32) -> dict:
+    """The same encoders, batched, in one process: the most one process gets from the CPUs."""
+    from batch_index.catalog import read_csv_catalog
+    from deployments.encoders import ImageEncoder, TextEncoder, decode_image
+    from deployments.ingest import write_products
+    from deployments.media import MediaStore
+    from deployments.products import Product
+    from deployments.store import ProductStore
+
+    settings = _settings(work)
+    catalog, _ = read_csv_catalog(dataset / "products.csv")
+    catalog = catalog[:rows] if rows else catalog
+    image_encoder = ImageEncoder(settings.image_model, num_threads=2)
+    text_encoder = TextEncoder(settings.text_model, num_threads=2)
+    store, media = ProductStore(settings.milvus), MediaStore(settings.media_dir)
+    store.ensure_collection(image_encoder.dim, text_encoder.dim)
+    prep = image_encoder.preprocessor
+    start = time.perf_counter()
+    for i in range(0, len(catalog), batch):
+        chunk = catalog[i: i + batch]
+        products = [Product.model_validate_json(r.product_json) for r in chunk]
+        photos = [Path(r.image_path).read_bytes() for r in chunk]
+        pixels = np.stack([prep.model_pixels(decode_image(p)) for p in photos])
+        vectors = image_encoder.embed_pixels(pixels)
+        texts = text_encoder.embed([p.embedding_text() for p in products])
+        write_products(store, media, products, photos, vectors, texts)
+    wall = time.perf_counter() - start
+    store.close()
+    return {"rows": len(catalog), "wall_s": wall, "images_per_s": len(catalog) / wall}
+
+
+def run_ray_job(dataset: Path, work: Path, rows: int | None) -> dict:
+    """The Ray Data job through its command line, starting its own local Ray."""
+    cmd = [sys.executable, "-m", "batch_index", "index", "--catalog",
+           str(dataset / "products.csv"), "--milvus-uri", str(work / "milvus.db"),
+           "--media-dir", str(work / "media"), "--via-service", "no",
+           "--rejects", str(work / "rejects.jsonl")]
+    if rows:
+        cmd += ["--limit", str(rows)]
+    start = time.perf_counter()
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True)
+    total = time.perf_counter() - start
+    summary = json.loads(out.stdout.split("summary ")[-1])
+    return {"rows": summary["indexed"], "wall_s": summary["wall_s"],
+            "images_per_s": summary["images_per_s"], "command_wall_s": total}
+
+
+def measure(mode: str, args: argparse.Namespace) -> dict:
+    """Run one mode in a child process; return its figures plus peak tree memory."""
+    work = Path(tempfile.mkdtemp(prefix=f"bench-index-{mode}-"))
+    cmd = [sys.executable, "-m", "benchmarks.index_throughput", "--child", mode,
+           "--dataset", str(args.dataset), "--work", str(work),
+           "--naive-rows", str(args.naive_rows)]
+    if args.rows:
+        cmd += ["--rows", str(args.rows)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
+    peak = [0]
+
+    def sample() -> None:
+        parent = psutil.Process(proc.pid)
+        while proc.poll() is None:
+            try:
+                tree = [parent, *parent.children(recursive=True)]
+                peak[0] = max(peak[0], sum(p.memory_info().rss for p in tree if p.is_running()))
+            except psutil.Error:
+                pass
+            time.sleep(0.2)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    stdout, _ = proc.communicate()
+    sampler.join()
+    if proc.returncode:
+        raise RuntimeError(f"{mode} failed")
+    result = json.loads(stdout.strip().splitlines()[-1])
+    return {"mode": mode, **result, "peak_rss_mb": peak[0] / 2**20}
+
+
+def child(args: argparse.Namespace) -> None:
+    """Inside the child process: run the mode and print its JSON."""
+    work = Path(args.work)
+    runs = {
+        "naive-torch": lambda: run_naive(args.dataset, work, args.naive_rows, "torch"),
+        "naive-onnx": lambda: run_naive(args.dataset, work, args.naive_rows, "onnx"),
+        "ceiling": lambda: run_ceiling(args.dataset, work, args.rows),
+        "ray-data": lambda: run_ray_job(args.dataset, work, args.rows),
+    }
+    print(json.dumps(runs[args.child]()))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--dataset", type=Path, default=DEFAULT_DATASET)
+    parser.add_argument("--naive-rows", type=int, default=400)
+    parser.add_argument("--rows", type=int, help="rows for the ceiling and Ray modes (all)")
+    parser.add_argument("--modes", default="naive-torch,naive-onnx,ceiling,ray-data")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    parser.add_argument("--work", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        return child(args)
+    if not (args.dataset / "products.csv").exists():
+        print(f"skipped: {args.dataset} not found")
+        return None
+    results = [measure(m, args) for m in args.modes.split(",")]
+    by_mode = {r["mode"]: r for r in results}
+    print(f"\n{'mode':<12} {'rows':>6} {'wall s':>8} {'images/s':>9} {'peak RSS MB':>12}")
+    for r in results:
+        print(f"{r['mode']:<12} {r['rows']:>6} {r['wall_s']:>8.1f} {r['images_per_s']:>9.1f} "
+              f"{r['peak_rss_mb']:>12.0f}")
+    if "ray-data" in by_mode:
+        ray_rate = by_mode["ray-data"]["images_per_s"]
+        for base in ("naive-torch", "naive-onnx", "ceiling"):
+            if base in by_mode:
+                print(f"ray-data / {base}: {ray_rate / by_mode[base]['images_per_s']:.2f}x")
+    OUT.mkdir(exist_ok=True)
+    report = {"date": time.strftime("%Y-%m-%d %H:%M"), "results": results}
+    (OUT / "index_throughput.json").write_text(json.dumps(report, indent=2))
+    return None
+
+
+if __name__ == "__main__":
+    main()

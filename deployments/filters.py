@@ -1,0 +1,131 @@
+"""Structured filters on searches: what a shopper may narrow by, validated before any query.
+
+Filters arrive as query parameters (`?colour=Red&colour=Blue&price_max=50&attr.material=cotton`)
+or as a JSON object in a request body; both become one `Filters` value. The store turns it into
+a Milvus expression with every value escaped (store.filter_expression).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Iterable
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from deployments.errors import InvalidInput
+from deployments.products import STRING_FIELDS
+
+ATTRIBUTE_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
+MAX_VALUES = 50
+Scalar = str | float | bool
+
+
+class Filters(BaseModel):
+    """Attribute filters; values within a field are OR-ed, fields are AND-ed."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    category: list[str] = Field(default_factory=list, max_length=MAX_VALUES)
+    subcategory: list[str] = Field(default_factory=list, max_length=MAX_VALUES)
+    article_type: list[str] = Field(default_factory=list, max_length=MAX_VALUES)
+    colour: list[str] = Field(default_factory=list, max_length=MAX_VALUES)
+    size: list[str] = Field(default_factory=list, max_length=MAX_VALUES)
+    gender: list[str] = Field(default_factory=list, max_length=MAX_VALUES)
+    season: list[str] = Field(default_factory=list, max_length=MAX_VALUES)
+    usage: list[str] = Field(default_factory=list, max_length=MAX_VALUES)
+    price_min: float | None = Field(None, ge=0)
+    price_max: float | None = Field(None, ge=0)
+    attributes: dict[str, list[Scalar]] = Field(default_factory=dict, max_length=20)
+
+    @field_validator(*STRING_FIELDS, mode="before")
+    @classmethod
+    def _as_list(cls, value: Any) -> Any:
+        values = value if isinstance(value, list) else [value]
+        for v in values:
+            if not isinstance(v, str) or not v.strip() or len(v) > 64:
+                raise ValueError("values must be non-empty strings of at most 64 characters")
+        return [v.strip() for v in values]
+
+    @field_validator("attributes", mode="before")
+    @classmethod
+    def _attributes(cls, value: Any) -> Any:
+        if not isinstance(value, dict):
+            raise ValueError("attributes must be an object of name -> value(s)")
+        cleaned = {}
+        for name, values in value.items():
+            if not isinstance(name, str) or not ATTRIBUTE_NAME.match(name):
+                raise ValueError(f"attribute name {name!r} must be letters, digits or _")
+            values = values if isinstance(values, list) else [values]
+            if not values or len(values) > MAX_VALUES:
+                raise ValueError(f"attribute {name!r} needs 1 to {MAX_VALUES} values")
+            for v in values:
+                bad_float = isinstance(v, float) and not math.isfinite(v)
+                if not isinstance(v, str | int | float | bool) or bad_float:
+                    raise ValueError(f"attribute {name!r}: values must be strings, numbers "
+                                     "or booleans")
+            cleaned[name] = values
+        return cleaned
+
+    def is_empty(self) -> bool:
+        """True when nothing is filtered."""
+        return self == Filters()
+
+    def used(self) -> dict[str, Any]:
+        """The fields actually set (for logs and explanations)."""
+        return self.model_dump(exclude_defaults=True)
+
+
+def parse_filters(data: dict[str, Any] | None) -> Filters:
+    """Validate a filters object; InvalidInput names the offending field."""
+    try:
+        filters = Filters.model_validate(data or {})
+    except ValidationError as exc:
+        raise InvalidInput(_message(exc), code="invalid_filter") from None
+    if (filters.price_min is not None and filters.price_max is not None
+            and filters.price_min > filters.price_max):
+        raise InvalidInput("price_min must be <= price_max", code="invalid_filter")
+    return filters
+
+
+def filters_from_params(items: Iterable[tuple[str, str]], reserved: set[str]) -> Filters:
+    """Filters from query parameters: `field=value` (repeatable), `price_min`, `price_max`,
+    `attr.<name>=value`; names in `reserved` (k, explain, ...) are the route's own."""
+    data: dict[str, Any] = {}
+    for key, value in items:
+        if key in reserved:
+            continue
+        if key.startswith("attr."):
+            data.setdefault("attributes", {}).setdefault(key[5:], []).extend(_scalars(value))
+        elif key in ("price_min", "price_max"):
+            data[key] = value
+        elif key in STRING_FIELDS:
+            data.setdefault(key, []).append(value)
+        else:
+            fields = ", ".join([*STRING_FIELDS, "price_min", "price_max", "attr.<name>"])
+            raise InvalidInput(f"unknown filter {key!r}; filter by one of: {fields}",
+                               code="invalid_filter")
+    return parse_filters(data)
+
+
+def _scalars(value: str) -> list[Scalar]:
+    """A query string matches the same text, or the number / boolean it spells, in JSON."""
+    if value in ("true", "false"):
+        return [value, value == "true"]
+    try:
+        number = float(value)
+    except ValueError:
+        return [value]
+    return [value, number] if math.isfinite(number) else [value]
+
+
+def _message(exc: ValidationError) -> str:
+    parts = []
+    for error in exc.errors():
+        where = ".".join(str(p) for p in error["loc"]) or "filters"
+        if error["type"] == "extra_forbidden":
+            parts.append(f"unknown filter {where!r}")
+        else:
+            parts.append(f"filter {where}: {error['msg']}")
+    return "; ".join(parts)

@@ -1,0 +1,208 @@
+"""Faults on real parts: bad input never gets a 5xx; a killed replica is retried and replaced;
+a stopped Milvus server gives fast 503s and the service recovers by itself, losing no write."""
+
+from __future__ import annotations
+
+import io
+import json
+import threading
+import time
+from collections import Counter
+
+import httpx
+import pytest
+from helpers import jpeg_bytes, wait_healthy
+from PIL import Image
+
+from batch_index.demo import draw_product
+from benchmarks.faults import LiteServer, free_port, kill_replica, replica_actor_names
+
+pytestmark = pytest.mark.integration
+
+
+def _png_bomb() -> bytes:
+    """A tiny PNG that claims 30000 x 30000 pixels."""
+    buf = io.BytesIO()
+    Image.new("1", (30000, 30000)).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def _bad_requests(photo: bytes) -> list[tuple[str, str, dict]]:
+    text = "/search/text"
+    image = "/search/image"
+    return [
+        ("POST", image, {"files": {"image": ("x.jpg", b"GIF89a-not-really")}}),
+        ("POST", image, {"files": {"image": ("x.jpg", photo[: len(photo) // 3])}}),
+        ("POST", image, {"files": {"image": ("x.png", _png_bomb())}}),
+        ("POST", image, {"files": {"image": ("x.jpg", b"\x00" * 11_000_000)}}),
+        ("POST", image, {"files": {"photo": ("x.jpg", photo)}}),
+        ("POST", image, {"data": {"image": "not a file"}}),
+        ("POST", image, {"files": {"image": ("x.jpg", photo)}, "params": {"k": "-1"}}),
+        ("POST", image, {"files": {"image": ("x.jpg", photo)}, "params": {"k": "1e9"}}),
+        ("POST", image, {"files": {"image": ("x.jpg", photo)}, "params": {"price_max": "nan"}}),
+        ("POST", image, {"files": {"image": ("x.jpg", photo)}, "params": {"attr.a b": "x"}}),
+        ("POST", text, {"json": {"query": ""}}),
+        ("POST", text, {"json": {"query": "🙂" * 2000}}),
+        ("POST", text, {"json": {"query": None}}),
+        ("POST", text, {"json": {"query": ["a"]}}),
+        ("POST", text, {"json": {"query": "shoes", "k": "ten"}}),
+        ("POST", text, {"json": {"query": "shoes", "filters": "colour=red"}}),
+        ("POST", text, {"json": {"query": "shoes", "filters": {"colour": {"$ne": 1}}}}),
+        ("POST", text, {"json": {"query": "shoes", "filters": {"price_min": 9, "price_max": 1}}}),
+        ("POST", text, {"content": b"{not json", "headers": {"content-type": "application/json"}}),
+        ("POST", text, {"content": b"query=x", "headers": {"content-type": "text/plain"}}),
+        ("GET", "/products", {"params": {"limit": 0}}),
+        ("GET", "/products", {"params": {"offset": -5}}),
+        ("GET", "/products/no-such-id", {}),
+        ("GET", "/products/no-such-id/similar", {}),
+        ("GET", "/products/%22%20or%201%3D%3D1/similar", {}),
+        ("GET", "/images/no-such-id", {}),
+        ("GET", "/static/..%2Fingress.py", {}),
+        ("DELETE", "/products/no-such-id", {}),
+        ("POST", "/products", {"files": {"image": ("x.jpg", photo)}, "data": {"product": "{"}}),
+        ("POST", "/products", {"files": {"image": ("x.jpg", photo)},
+                               "data": {"product": json.dumps({"id": "x y", "title": "t"})}}),
+        ("POST", "/products", {"files": {"image": ("x.jpg", photo)},
+                               "data": {"product": json.dumps({"id": "ok", "price": -3,
+                                                               "title": "t"})}}),
+        ("POST", "/products", {"files": {"image": ("x.txt", b"hello")},
+                               "data": {"product": json.dumps({"id": "ok", "title": "t"})}}),
+        ("PUT", "/search/text", {"json": {"query": "x"}}),
+        ("GET", "/nowhere", {}),
+    ]
+
+
+def test_no_bad_input_gets_a_5xx(service):
+    with httpx.Client(base_url=service, timeout=60) as client:
+        photo = client.get("/images/demo-0001").content
+        wrong = []
+        for i, (method, path, kwargs) in enumerate(_bad_requests(photo)):
+            r = client.request(method, path, **kwargs)
+            if not 400 <= r.status_code < 500 or not r.json()["error"]["message"]:
+                wrong.append((i, method, path, r.status_code, r.text[:200]))
+        assert not wrong
+
+
+def test_responses_carry_a_request_id(service):
+    r = httpx.get(f"{service}/healthz", timeout=30)
+    assert r.headers.get("x-request-id")
+
+
+class Load:
+    """Background users sending image searches; records each outcome with its latency."""
+
+    def __init__(self, url: str, photo: bytes, users: int = 4) -> None:
+        self.url, self.photo, self.users = url, photo, users
+        self.outcomes: list[tuple[float, int, float]] = []  # (time, status, seconds)
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=self._user, daemon=True) for _ in range(users)]
+
+    def _user(self) -> None:
+        with httpx.Client(base_url=self.url, timeout=30) as client:
+            while not self._stop.is_set():
+                start = time.monotonic()
+                try:
+                    status = client.post("/search/image", files={"image": ("q.jpg", self.photo)},
+                                         params={"k": 3}).status_code
+                except httpx.HTTPError:
+                    status = 0
+                self.outcomes.append((start, status, time.monotonic() - start))
+
+    def __enter__(self) -> Load:
+        for t in self._threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        for t in self._threads:
+            t.join(timeout=60)
+
+    def counts(self) -> Counter:
+        return Counter(status for _, status, _ in self.outcomes)
+
+
+@pytest.fixture(scope="module")
+def milvus_server(tmp_path_factory):
+    server = LiteServer(tmp_path_factory.mktemp("milvus-server"), free_port())
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def server_app(service, milvus_server, settings_factory, tmp_path_factory):
+    """A second app on the same Serve instance, on a Milvus *server*, two image replicas."""
+    from ray import serve
+
+    from serve_app.app import build_app
+
+    settings = settings_factory(
+        tmp_path_factory.mktemp("server-app"),
+        milvus={"uri": milvus_server.uri, "collection": "faults", "read_timeout_s": 0.8},
+        image_encoder={"min_replicas": 2, "max_replicas": 2, "num_cpus": 0.1, "num_threads": 1},
+        demo={"enabled": True, "size": 16},
+    )
+    serve.run(build_app(settings), name="faults", route_prefix="/faults")
+    url = f"{service}/faults"
+    wait_healthy(url, products=16)
+    yield url
+    serve.delete("faults")
+
+
+def test_killed_encoder_replica_is_retried_and_replaced(server_app):
+    photo = jpeg_bytes(draw_product("Caps", "Blue", "Solid", seed=3))
+    assert len(replica_actor_names("faults", "ImageEncoder")) == 2
+    with Load(server_app, photo) as load:
+        time.sleep(3)
+        kill_replica("faults", "ImageEncoder")
+        time.sleep(6)
+    counts = load.counts()
+    assert counts[200] > 50
+    assert sum(n for s, n in counts.items() if s != 200) <= 1, counts
+    deadline = time.monotonic() + 60
+    while len(replica_actor_names("faults", "ImageEncoder")) < 2:
+        assert time.monotonic() < deadline, "Serve did not replace the killed replica"
+        time.sleep(1)
+
+
+def test_milvus_outage_fails_fast_then_recovers_without_losing_writes(server_app,
+                                                                      milvus_server):
+    with httpx.Client(base_url=server_app, timeout=30) as client:
+        acknowledged = []
+        for i in range(5):
+            photo = jpeg_bytes(draw_product("Mugs", "Green", "Dotted", seed=900 + i))
+            product = {"id": f"ack-{i}", "title": f"Acknowledged mug {i}"}
+            r = client.post("/products", files={"image": ("m.jpg", photo)},
+                            data={"product": json.dumps(product)})
+            assert r.status_code == 201
+            acknowledged.append(product["id"])
+        photo = client.get("/images/ack-0").content
+
+        with Load(server_app, photo, users=3) as load:
+            time.sleep(2)
+            milvus_server.stop(hard=True)
+            stopped = time.monotonic()
+            time.sleep(4)
+            health = client.get("/healthz")
+            time.sleep(2)
+            milvus_server.start()
+            restarted = time.monotonic()
+            recovered = None
+            while time.monotonic() - restarted < 30:
+                r = client.post("/search/image", files={"image": ("q.jpg", photo)})
+                if r.status_code == 200:
+                    recovered = time.monotonic() - restarted
+                    break
+                time.sleep(0.2)
+            time.sleep(1)
+
+        assert health.status_code == 503 and health.headers.get("retry-after")
+        during = [(status, took) for t, status, took in load.outcomes
+                  if stopped + 1.5 < t < restarted - 0.5]
+        assert during, "no request was sent while Milvus was down"
+        assert {status for status, _ in during} == {503}
+        assert max(took for _, took in during) < 2.0  # fail fast, no hang
+        assert recovered is not None and recovered < 10, recovered
+        for product_id in acknowledged:
+            assert client.get(f"/products/{product_id}").status_code == 200
