@@ -160,6 +160,13 @@ class ProductStore:
 
     def _check_dims(self, image_dim: int, text_dim: int) -> None:
         fields = self._client.describe_collection(self.collection)["fields"]
+        missing = set(SCALAR_FIELDS) - {f["name"] for f in fields}
+        if missing:
+            raise InvalidInput(
+                f"collection {self.collection!r} lacks fields {sorted(missing)} (made by an older "
+                "version): drop it (`python -m batch_index drop`) and index again",
+                code="schema_mismatch",
+            )
         dims = {f["name"]: f.get("params", {}).get("dim") for f in fields}
         expected = {"image_vector": image_dim, "text_vector": text_dim}
         for name, dim in expected.items():
