@@ -119,7 +119,13 @@ class ProductStore:
         uri = self.settings.uri
         if self.settings.is_lite:
             Path(uri).parent.mkdir(parents=True, exist_ok=True)
-        return MilvusClient(uri=uri, token=self.settings.token, timeout=self.settings.timeout_s)
+        # Reconnect quickly once a restarted server is back (gRPC's default backoff grows to
+        # many seconds during an outage, which delays recovery by as much).
+        fast_reconnect = {"grpc.initial_reconnect_backoff_ms": 200,
+                          "grpc.min_reconnect_backoff_ms": 200,
+                          "grpc.max_reconnect_backoff_ms": 1000}
+        return MilvusClient(uri=uri, token=self.settings.token, timeout=self.settings.timeout_s,
+                            grpc_options=fast_reconnect)
 
     # -- collection lifecycle -------------------------------------------------------------
     @_backend_errors

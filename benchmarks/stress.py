@@ -1,0 +1,229 @@
+"""Stress test: N users of mixed photo / text / similar queries (and a few writes) for T seconds.
+
+Prints throughput, p50/p95/p99 latency, errors by type, and downtime (the longest stretch with no
+successful response). Two ways to run it:
+
+    # against a service you started (`serve run configs/config.yaml`):
+    .venv/bin/python -m benchmarks.stress --url http://127.0.0.1:8000 --users 16 --seconds 60
+
+    # fault mode: starts its own stack (a Milvus server process + the graph with two image
+    # encoder replicas), kills an image-encoder replica at 1/3 of the run, stops Milvus for
+    # --outage seconds at 1/2, restarts it, then checks every acknowledged write is still there:
+    .venv/bin/python -m benchmarks.stress --fault --users 8 --seconds 60
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import random
+import tempfile
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import numpy as np
+
+from batch_index.demo import generate_demo_catalog
+
+OUT = Path(__file__).resolve().parent / "out"
+QUERIES = ["red dress", "black sports shoes", "blue t-shirt for men", "leather handbag",
+           "white mug", "grey trousers", "yellow cap", "brown watch"]
+
+
+@dataclass
+class Record:
+    """Every request's outcome, for the report."""
+
+    events: list[tuple[float, str, int, float]] = field(default_factory=list)  # t, kind, status, s
+    acknowledged: list[str] = field(default_factory=list)
+    marks: dict[str, float] = field(default_factory=dict)
+
+
+async def user(uid: int, client: httpx.AsyncClient, photos: list[bytes], ids: list[str],
+               stop: float, record: Record, write_every: int) -> None:
+    """One closed-loop user: mostly searches, sometimes a write."""
+    rng = random.Random(uid)
+    n = 0
+    while time.monotonic() < stop:
+        n += 1
+        kind = "write" if write_every and n % write_every == 0 else rng.choice(
+            ["photo", "photo", "text", "similar"])
+        start = time.monotonic()
+        product_id = None
+        try:
+            if kind == "photo":
+                r = await client.post("/search/image", files={"image": ("q.jpg",
+                                                                        rng.choice(photos))})
+            elif kind == "text":
+                r = await client.post("/search/text", json={"query": rng.choice(QUERIES)})
+            elif kind == "similar":
+                r = await client.get(f"/products/{rng.choice(ids)}/similar")
+            else:
+                product_id = f"stress-{uid}-{n}"
+                product = {"id": product_id, "title": f"Stress product {uid} {n}"}
+                r = await client.post("/products", files={"image": ("p.jpg", rng.choice(photos))},
+                                      data={"product": json.dumps(product)})
+            status = r.status_code
+        except httpx.HTTPError as exc:
+            status = 0 if not isinstance(exc, httpx.TimeoutException) else -1
+        record.events.append((start, kind, status, time.monotonic() - start))
+        if product_id and status == 201:
+            record.acknowledged.append(product_id)
+
+
+async def run_load(url: str, photos: list[bytes], ids: list[str], users: int, seconds: float,
+                   record: Record, write_every: int = 20) -> None:
+    """All users for `seconds`."""
+    stop = time.monotonic() + seconds
+    limits = httpx.Limits(max_connections=users + 4)
+    async with httpx.AsyncClient(base_url=url, timeout=30, limits=limits) as client:
+        await asyncio.gather(*(user(u, client, photos, ids, stop, record, write_every)
+                               for u in range(users)))
+
+
+def report(record: Record, seconds: float) -> dict:
+    """Throughput, latency percentiles, errors by type, downtime."""
+    ok = [e for e in record.events if e[2] in (200, 201)]
+    latencies = [e[3] * 1000 for e in ok]
+    errors = Counter(f"{e[1]}:{e[2] if e[2] > 0 else 'timeout' if e[2] < 0 else 'connection'}"
+                     for e in record.events if e[2] not in (200, 201))
+    times = sorted(e[0] + e[3] for e in ok)
+    start = min((e[0] for e in record.events), default=0)
+    gaps = np.diff([start, *times, start + seconds]) if times else [seconds]
+    out = {
+        "requests": len(record.events), "ok": len(ok), "errors": dict(errors),
+        "error_rate": 1 - len(ok) / max(1, len(record.events)),
+        "throughput_rps": len(ok) / seconds,
+        "p50_ms": float(np.percentile(latencies, 50)) if latencies else None,
+        "p95_ms": float(np.percentile(latencies, 95)) if latencies else None,
+        "p99_ms": float(np.percentile(latencies, 99)) if latencies else None,
+        "downtime_s": float(max(gaps)), "acknowledged_writes": len(record.acknowledged),
+    }
+    return out
+
+
+def window(record: Record, begin: float, end: float) -> dict:
+    """Outcomes of requests started in [begin, end): counts by status and slowest failure."""
+    inside = [e for e in record.events if begin <= e[0] < end]
+    failed = [e[3] for e in inside if e[2] not in (200, 201)]
+    return {"requests": len(inside), "by_status": dict(Counter(e[2] for e in inside)),
+            "slowest_failure_s": max(failed, default=0.0)}
+
+
+def demo_photos(folder: Path, n: int = 48) -> tuple[list[bytes], list[str]]:
+    """Photos to query with, and the ids of the demo products they belong to."""
+    csv_path = generate_demo_catalog(folder, n)
+    files = sorted((csv_path.parent / "images").glob("*.jpg"))
+    return [p.read_bytes() for p in files], [p.stem for p in files]
+
+
+def fault_run(args: argparse.Namespace) -> dict:
+    """Own stack; kill an encoder replica, then stop and restart Milvus, under load."""
+    import ray
+    from ray import serve
+
+    from benchmarks.faults import LiteServer, free_port, kill_replica
+    from serve_app.app import build_app
+    from serve_app.settings import load_settings
+
+    work = Path(tempfile.mkdtemp(prefix="stress-"))
+    milvus = LiteServer(work / "milvus", free_port())
+    milvus.start()
+    base = load_settings()
+    settings = base.model_copy(update={
+        "milvus": base.milvus.model_copy(update={"uri": milvus.uri, "read_timeout_s": 0.8}),
+        "media_dir": str(work / "media"),
+        "demo": base.demo.model_copy(update={"dir": str(work / "demo"), "size": 48}),
+        "image_encoder": base.image_encoder.model_copy(update={
+            "min_replicas": 2, "max_replicas": 2, "num_cpus": 0.2, "num_threads": 1}),
+        "search": base.search.model_copy(update={"max_replicas": 1}),
+    })
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve.run(build_app(settings), name="stress", route_prefix="/")
+    url = f"http://127.0.0.1:{port}"
+    _wait(url, 48)
+    photos, ids = demo_photos(work / "demo")
+    record = Record()
+
+    def faults() -> None:
+        time.sleep(args.seconds / 3)
+        record.marks["replica_killed"] = time.monotonic()
+        kill_replica("stress", "ImageEncoder")
+        time.sleep(args.seconds / 2 - args.seconds / 3)
+        record.marks["milvus_stopped"] = time.monotonic()
+        milvus.stop(hard=True)
+        time.sleep(args.outage)
+        milvus.start()
+        record.marks["milvus_restarted"] = time.monotonic()
+
+    injector = threading.Thread(target=faults)
+    injector.start()
+    asyncio.run(run_load(url, photos, ids, args.users, args.seconds, record))
+    injector.join()
+    result = report(record, args.seconds)
+    marks = record.marks
+    result["replica_kill_window"] = window(
+        record, marks["replica_killed"], min(marks["replica_killed"] + 10,
+                                             marks["milvus_stopped"] - 1))
+    result["milvus_outage_window"] = window(record, marks["milvus_stopped"] + 0.5,
+                                            marks["milvus_restarted"])
+    ok_after = [e[0] + e[3] for e in record.events
+                if e[0] >= marks["milvus_restarted"] and e[2] == 200]
+    result["recovered_after_restart_s"] = (min(ok_after) - marks["milvus_restarted"]
+                                           if ok_after else None)
+    lost = [i for i in record.acknowledged
+            if httpx.get(f"{url}/products/{i}", timeout=30).status_code != 200]
+    result["lost_writes"] = len(lost)
+    serve.shutdown()
+    ray.shutdown()
+    milvus.stop()
+    return result
+
+
+def _wait(url: str, products: int, timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            r = httpx.get(f"{url}/healthz", timeout=10)
+            if r.status_code == 200 and r.json()["products"] >= products:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(1)
+    raise TimeoutError("service not ready")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--url", help="a running service (omit with --fault)")
+    parser.add_argument("--users", type=int, default=16)
+    parser.add_argument("--seconds", type=float, default=60)
+    parser.add_argument("--fault", action="store_true", help="start own stack and inject faults")
+    parser.add_argument("--outage", type=float, default=10, help="seconds Milvus stays down")
+    args = parser.parse_args()
+    if args.fault:
+        result = fault_run(args)
+    else:
+        if not args.url:
+            parser.error("give --url of a running service, or --fault")
+        photos, ids = demo_photos(Path(tempfile.mkdtemp(prefix="stress-")))
+        record = Record()
+        asyncio.run(run_load(args.url, photos, ids, args.users, args.seconds, record))
+        result = report(record, args.seconds)
+    result.update(date=time.strftime("%Y-%m-%d %H:%M"), users=args.users, seconds=args.seconds,
+                  fault=args.fault)
+    print(json.dumps(result, indent=2))
+    OUT.mkdir(exist_ok=True)
+    name = "stress_fault.json" if args.fault else "stress.json"
+    (OUT / name).write_text(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
