@@ -46,6 +46,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     index.add_argument("--text-actors", type=int, default=1, help="text encoder actor pool")
     index.add_argument("--image-threads", type=int, default=2, help="threads per image actor")
     index.add_argument("--num-gpus", type=float, default=0, help="GPUs per image actor")
+    index.add_argument("--image-actor-cpus", type=float, default=0.25,
+                       help="CPUs each image actor reserves (raise on a cluster so the "
+                       "autoscaler sees the load)")
+    index.add_argument("--text-actor-cpus", type=float, default=0.1)
+    index.add_argument("--task-cpus", type=float, default=0.1,
+                       help="CPUs each read/decode task reserves")
     index.add_argument("--writers", type=int, help="parallel writers (server only; default 4)")
     index.add_argument("--via-service", choices=["auto", "yes", "no"], default="auto",
                        help="write through the running service (auto: when it owns Lite)")
@@ -131,10 +137,16 @@ def cmd_index(args: argparse.Namespace, settings: AppSettings) -> int:
     options = pipeline.IndexOptions(
         batch_size=args.batch_size, image_actors=args.image_actors, text_actors=args.text_actors,
         image_threads=args.image_threads, num_gpus=args.num_gpus, force=args.force,
+        image_actor_cpus=args.image_actor_cpus, text_actor_cpus=args.text_actor_cpus,
+        task_cpus=args.task_cpus,
         writers=args.writers or (1 if settings.milvus.is_lite else 4),
     )
     search = _service_handle(args, settings)
     if search is not None:
+        if args.collection or args.milvus_uri:
+            raise SystemExit("the running service owns the Milvus Lite store and writes to its "
+                             "own collection; drop --collection/--milvus-uri or use --via-service "
+                             "no with another store")
         print(f"writing through the running service {args.app_name!r} (it owns the store)")
         known = {} if args.force else search.fingerprints.remote(None).result()
         writer = pipeline.service_writer(search)

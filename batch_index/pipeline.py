@@ -64,6 +64,7 @@ class Summary:
     rejected: int = 0
     wall_s: float = 0.0
     rejects: list[Reject] = field(default_factory=list)
+    image_nodes: set[str] = field(default_factory=set)
 
     @property
     def images_per_s(self) -> float:
@@ -135,6 +136,7 @@ class ImageEmbedder:
             vectors[ok] = self.encoder.embed_pixels(pixels)
         out = {k: v for k, v in batch.items() if k != "pixels"}
         out["image_vector"] = vectors
+        out["node"] = np.full(len(ok), ray.get_runtime_context().get_node_id())
         return out
 
 
@@ -239,6 +241,7 @@ def _batches(dataset: ray.data.Dataset, size: int) -> Iterator[dict[str, np.ndar
 
 def _count(batch: dict[str, np.ndarray], summary: Summary) -> None:
     summary.unchanged += int((batch["status"] == UNCHANGED).sum())
+    summary.image_nodes.update(str(n) for n in batch["node"])
     for i in np.flatnonzero(batch["status"] == REJECTED):
         summary.rejects.append(Reject(int(batch["row"][i]), str(batch["id"][i]),
                                       str(batch["reason"][i])))
@@ -268,4 +271,5 @@ def summary_json(summary: Summary) -> str:
     return json.dumps({"total": summary.total, "indexed": summary.indexed,
                        "unchanged": summary.unchanged, "rejected": summary.rejected,
                        "wall_s": round(summary.wall_s, 2),
-                       "images_per_s": round(summary.images_per_s, 2)})
+                       "images_per_s": round(summary.images_per_s, 2),
+                       "image_actor_nodes": len(summary.image_nodes)})

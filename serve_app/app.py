@@ -27,6 +27,8 @@ def deployment_options(scaling: ScalingSettings) -> dict[str, Any]:
         "max_queued_requests": scaling.max_queued_requests,
         "ray_actor_options": {"num_cpus": scaling.num_cpus, "num_gpus": scaling.num_gpus},
     }
+    if scaling.resources:
+        options["ray_actor_options"]["resources"] = scaling.resources
     if scaling.min_replicas == scaling.max_replicas:
         options["num_replicas"] = scaling.max_replicas
     else:

@@ -309,12 +309,16 @@ class SearchAPI:
         """Await a handle call within the request's time budget; retry it (bounded, with
         backoff) when a replica died under it, so Serve routes it to a live one."""
         policy = self.settings.resilience
+        attempt_timeout = policy.attempt_timeout_s if retry else policy.request_timeout_s
         async with asyncio.timeout(policy.request_timeout_s):
             for attempt in itertools.count():
                 try:
-                    return await make()
+                    async with asyncio.timeout(attempt_timeout):
+                        return await make()
                 except Exception as exc:
-                    if not (retry and attempt < policy.retries and replica_failed(exc)):
+                    # A try that timed out is likely stuck on a lost node: try another replica.
+                    stuck = isinstance(exc, TimeoutError)
+                    if not (retry and attempt < policy.retries and (stuck or replica_failed(exc))):
                         raise
                     log.warning("retrying after replica failure: %r", exc)
                     await asyncio.sleep(policy.retry_backoff_s * 2**attempt)

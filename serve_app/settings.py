@@ -63,6 +63,9 @@ class ScalingSettings(BaseModel):
     # Threads for torch / ONNX Runtime; None: match the CPUs the replica reserves (at least 1).
     num_threads: int | None = Field(None, ge=1)
     max_replicas_per_node: int | None = Field(None, ge=1)
+    # Custom Ray resources a replica needs, e.g. {"milvus_lite": 0.01} to keep the search
+    # replica on the node that holds a Milvus Lite data dir.
+    resources: dict[str, float] = Field(default_factory=dict)
 
     @model_validator(mode="after")
     def _check(self) -> ScalingSettings:
@@ -113,6 +116,8 @@ class ResilienceSettings(BaseModel):
     retries: int = Field(2, ge=0, le=5, description="retries of idempotent calls on a failed "
                          "replica")
     retry_backoff_s: float = Field(0.05, ge=0, le=5)
+    attempt_timeout_s: float = Field(4.0, gt=0, description="one try of an idempotent call; a "
+                                     "call stuck on a lost node is retried after this")
     request_timeout_s: float = Field(10.0, gt=0, description="end-to-end budget per request")
 
 

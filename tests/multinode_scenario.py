@@ -1,0 +1,127 @@
+"""Multi-node scenario on one machine (run in its own process by test_multinode.py).
+
+Starts a two-node Ray cluster with ray.cluster_utils.Cluster, deploys the graph with image-encoder
+replicas spread one per node, removes the worker node under load, adds a node back, and runs the
+bulk-index job with an image actor pool on both nodes. Prints one JSON line of findings.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+import ray
+import ray.util.state
+from ray import serve
+from ray.cluster_utils import Cluster
+
+from batch_index import pipeline
+from batch_index.catalog import read_csv_catalog
+from batch_index.demo import generate_demo_catalog
+from benchmarks.faults import free_port
+from benchmarks.stress import Record, run_load
+from deployments.store import ProductStore
+from serve_app.app import build_app
+from serve_app.settings import AppSettings
+
+
+def replica_nodes(app: str, deployment: str) -> list[str]:
+    """Node ids of a deployment's live replicas."""
+    prefix = f"SERVE_REPLICA::{app}#{deployment}#"
+    nodes = []
+    for actor in ray.util.state.list_actors(filters=[("state", "=", "ALIVE")], limit=1000):
+        if (actor.name or "").startswith(prefix):
+            nodes.append(actor.node_id)
+    return nodes
+
+
+def wait_for(predicate, timeout: float, what: str) -> float:
+    """Poll until predicate() is true; return seconds taken."""
+    start = time.monotonic()
+    while not predicate():
+        if time.monotonic() - start > timeout:
+            raise TimeoutError(what)
+        time.sleep(0.5)
+    return time.monotonic() - start
+
+
+def main(work: Path) -> dict:
+    # Faster node-failure detection than Ray's default (~15 s): calls stuck on a lost node fail
+    # over sooner. The head carries the data dir of Milvus Lite, so the search replica stays there.
+    fast_health = {"health_check_period_ms": 1000, "health_check_failure_threshold": 2}
+    cluster = Cluster(initialize_head=True, head_node_args={
+        "num_cpus": 2, "resources": {"milvus_lite": 1}, "_system_config": fast_health})
+    worker = cluster.add_node(num_cpus=2)
+    ray.init(address=cluster.address, log_to_driver=False)
+    port = free_port()
+    serve.start(proxy_location="HeadOnly", http_options={"host": "127.0.0.1", "port": port})
+    settings = AppSettings(
+        milvus={"uri": str(work / "milvus.db")}, media_dir=str(work / "media"),
+        image_model={"cache_dir": str(work / "cache")},
+        demo={"size": 24, "dir": str(work / "demo")},
+        image_encoder={"min_replicas": 2, "max_replicas": 2, "num_cpus": 0.2, "num_threads": 1,
+                       "max_replicas_per_node": 1},
+        text_encoder={"min_replicas": 2, "max_replicas": 2, "num_cpus": 0.1, "num_threads": 1,
+                      "max_replicas_per_node": 1},
+        search={"num_cpus": 0.1, "resources": {"milvus_lite": 0.01}},
+        ingress={"num_cpus": 0.1, "resources": {"milvus_lite": 0.01}},
+    )
+    serve.run(build_app(settings), name="multi", route_prefix="/")
+    url = f"http://127.0.0.1:{port}"
+    wait_for(lambda: _healthy(url, 24), 300, "service healthy")
+    found = {"image_encoder_nodes_before": len(set(replica_nodes("multi", "ImageEncoder")))}
+
+    csv_path = generate_demo_catalog(work / "demo", 24)
+    photos = [p.read_bytes() for p in sorted((csv_path.parent / "images").glob("*.jpg"))]
+    ids = [p.stem for p in sorted((csv_path.parent / "images").glob("*.jpg"))]
+    record = Record()
+
+    worker_hosted = [d for d in ("ImageEncoder", "TextEncoder", "ProductSearch", "SearchAPI")
+                     if worker.node_id in replica_nodes("multi", d)]
+
+    async def load_and_remove() -> None:
+        task = asyncio.create_task(run_load(url, photos, ids, 4, 24, record, write_every=0))
+        await asyncio.sleep(8)
+        cluster.remove_node(worker, allow_graceful=False)  # a hard node loss
+        await task
+
+    asyncio.run(load_and_remove())
+    ok = sum(1 for e in record.events if e[2] == 200)
+    failures = [f"{e[1]}:{e[2]}:{e[3]:.1f}s" for e in record.events if e[2] != 200]
+    found.update(requests=len(record.events), failed=len(record.events) - ok,
+                 failures=failures[:20], worker_hosted=worker_hosted)
+
+    cluster.add_node(num_cpus=2)
+    found["seconds_to_full_strength"] = wait_for(
+        lambda: len(set(replica_nodes("multi", "ImageEncoder"))) == 2, 180, "replacement")
+    serve.shutdown()
+
+    rows, rejects = read_csv_catalog(csv_path)
+    store = ProductStore(settings.milvus.model_copy(update={"collection": "job"}))
+    store.ensure_collection(1280, 384)
+    summary = pipeline.run_index(
+        rows, rejects, settings, {}, pipeline.direct_writer(settings, store),
+        pipeline.IndexOptions(batch_size=4, image_actors=2, image_threads=1))
+    found.update(job_indexed=summary.indexed, job_image_actor_nodes=len(summary.image_nodes))
+    store.close()
+    ray.shutdown()
+    cluster.shutdown()
+    return found
+
+
+def _healthy(url: str, products: int) -> bool:
+    try:
+        r = httpx.get(f"{url}/healthz", timeout=10)
+        return r.status_code == 200 and r.json()["products"] >= products
+    except httpx.HTTPError:
+        return False
+
+
+if __name__ == "__main__":
+    work_dir = Path(sys.argv[1]) if len(sys.argv) > 1 else Path(tempfile.mkdtemp())
+    print("RESULT " + json.dumps(main(work_dir)), flush=True)
