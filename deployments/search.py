@@ -68,6 +68,15 @@ class ProductSearch:
         expr = await self._expression(filters, extra_filter)
         return await self._call("search", self.store.search, vector, field, k, expr, exclude_ids)
 
+    async def hybrid(
+        self, image_vector: np.ndarray, text_vector: np.ndarray, k: int,
+        filters: Filters | None = None, ranker: str = "rrf", image_weight: float = 0.5,
+    ) -> list[Hit]:
+        """Top-k products by fused photo and text similarity, within filters."""
+        expr = await self._expression(filters)
+        return await self._call("hybrid_search", self.store.hybrid_search, image_vector,
+                                text_vector, k, expr, ranker, image_weight)
+
     async def similar(self, product_id: str, k: int, filters: Filters | None = None) -> list[Hit]:
         """Products that look like a stored one (its stored image vector), itself and copies of
         its photo left out."""

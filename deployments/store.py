@@ -18,7 +18,14 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-from pymilvus import DataType, MilvusClient, MilvusException
+from pymilvus import (
+    AnnSearchRequest,
+    DataType,
+    MilvusClient,
+    MilvusException,
+    RRFRanker,
+    WeightedRanker,
+)
 
 from deployments.errors import BackendUnavailable, InvalidInput
 from deployments.filters import Filters
@@ -336,6 +343,25 @@ class ProductStore:
             search_params={"metric_type": self.settings.metric,
                            "params": self.settings.search_params}, **self._read,
         )
+        return [Hit(self._product(h["entity"]), float(h["distance"])) for h in result[0]]
+
+    @_backend_errors
+    def hybrid_search(
+        self, image_vector: np.ndarray, text_vector: np.ndarray, k: int, filter: str = "",
+        ranker: Literal["rrf", "weighted"] = "rrf", image_weight: float = 0.5,
+        candidates: int = 100,
+    ) -> list[Hit]:
+        """Fuse an image-vector and a text-vector search (RRF or weighted scores), best first."""
+        params = {"metric_type": self.settings.metric, "params": self.settings.search_params}
+        requests = [
+            AnnSearchRequest([np.asarray(v, np.float32).tolist()], VECTOR_FIELDS[field], params,
+                             max(k, candidates), filter=filter or None)
+            for field, v in (("image", image_vector), ("text", text_vector))
+        ]
+        fuse = RRFRanker() if ranker == "rrf" else WeightedRanker(image_weight, 1 - image_weight)
+        result = self._client.hybrid_search(
+            self.collection, requests, fuse, limit=k, output_fields=list(SCALAR_FIELDS),
+            **self._read)
         return [Hit(self._product(h["entity"]), float(h["distance"])) for h in result[0]]
 
     @staticmethod

@@ -14,7 +14,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
 from fastapi import FastAPI, File, Form, Query, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
@@ -206,6 +206,41 @@ class SearchAPI:
         hits = await self._call(lambda: self.search.search.remote(
             "text", self.text_encoder.embed.remote(text), k, filters))
         _log_extra(request, modality="text", k=k, filters=filters.used(), results=len(hits))
+        return SearchResponse.of(hits, (time.perf_counter() - start) * 1000)
+
+    @api.post("/search", response_model=SearchResponse, responses=ERRORS,
+              summary="Search by a photo, a description, or both (hybrid)",
+              description="Multipart: `image` and/or `query`. With both, the photo and text "
+              "searches are fused by Milvus hybrid search: `ranker=rrf` (default) or "
+              "`ranker=weighted` with `image_weight` in [0, 1]. Filters as query parameters.")
+    async def search(
+        self, request: Request,
+        image: Annotated[UploadFile | None, File(description="Product photo")] = None,
+        query: Annotated[str | None, Form(description="Description")] = None,
+        k: Annotated[int, Query()] = 10,
+        ranker: Annotated[Literal["rrf", "weighted"], Query()] = "rrf",
+        image_weight: Annotated[float, Query(ge=0, le=1)] = 0.5,
+    ) -> SearchResponse:
+        start = time.perf_counter()
+        k = self._check_k(k)
+        reserved = {"k", "ranker", "image_weight"}
+        filters = filters_from_params(request.query_params.multi_items(), reserved)
+        data = await self._read_image(image) if image is not None else None
+        text = self._check_text(query) if query is not None and query.strip() else None
+        if data is None and text is None:
+            raise InvalidInput("send an image, a query, or both", code="empty_query")
+        if data is not None and text is not None:
+            hits = await self._call(lambda: self.search.hybrid.remote(
+                self.image_encoder.embed.remote(data), self.text_encoder.embed.remote(text), k,
+                filters, ranker, image_weight))
+            modality = "hybrid"
+        else:
+            field, encoder, payload = (("image", self.image_encoder, data) if data is not None
+                                       else ("text", self.text_encoder, text))
+            hits = await self._call(lambda: self.search.search.remote(
+                field, encoder.embed.remote(payload), k, filters))
+            modality = field
+        _log_extra(request, modality=modality, k=k, filters=filters.used(), results=len(hits))
         return SearchResponse.of(hits, (time.perf_counter() - start) * 1000)
 
     # -- catalogue ------------------------------------------------------------------------

@@ -213,3 +213,24 @@ def test_attributes_lists_values_with_counts(client):
     assert body["colour"]["Red"] >= 1 and "Dresses" in body["article_type"]
     assert sum(body["category"].values()) >= 48
     assert "pattern" in body  # JSON attributes are listed too
+
+
+def test_hybrid_search_fuses_photo_and_text(client):
+    photo = _image_of(client, "demo-0013")  # a black dress
+    only_photo = client.post("/search", files={"image": ("p.jpg", photo)}, params={"k": 5})
+    assert only_photo.json()["results"][0]["id"] == "demo-0013"
+    for params in ({"k": 5}, {"k": 5, "ranker": "weighted", "image_weight": 0.7}):
+        r = client.post("/search", files={"image": ("p.jpg", photo)},
+                        data={"query": "black dress"}, params=params)
+        assert r.status_code == 200, r.text
+        results = r.json()["results"]
+        assert results[0]["id"] == "demo-0013"
+        assert all(x["attributes"]["article_type"] == "Dresses" for x in results[:3])
+    text_only = client.post("/search", data={"query": "yellow cap"}, params={"k": 3})
+    assert text_only.json()["results"][0]["attributes"]["colour"] == "Yellow"
+    filtered = client.post("/search", files={"image": ("p.jpg", photo)},
+                           data={"query": "dress"}, params={"colour": "Blue", "k": 5})
+    assert {x["attributes"]["colour"] for x in filtered.json()["results"]} == {"Blue"}
+    assert client.post("/search", params={"k": 5}).json()["error"]["code"] == "empty_query"
+    bad = client.post("/search", data={"query": "x"}, params={"ranker": "magic"})
+    assert bad.status_code == 422
