@@ -69,13 +69,18 @@ def settings_factory(model_cache):
     return lambda tmp_path, **overrides: make_settings(tmp_path, model_cache, **overrides)
 
 
+METRICS_PORT = free_port()
+
+
 @pytest.fixture(scope="session")
 def ray_local():
-    """A local Ray instance of this machine's size, stopped at the end (only what we started)."""
+    """A local Ray instance of this machine's size, stopped at the end (only what we started).
+    Its Prometheus metrics are served on METRICS_PORT."""
     import ray
 
     ray.init(address="local", num_cpus=2, include_dashboard=False,
-             object_store_memory=200 * 1024 * 1024, log_to_driver=False)
+             object_store_memory=200 * 1024 * 1024, log_to_driver=False,
+             _metrics_export_port=METRICS_PORT)
     yield ray
     ray.shutdown()
 

@@ -8,6 +8,7 @@ import json
 import threading
 import time
 from collections import Counter
+from pathlib import Path
 
 import httpx
 import pytest
@@ -206,3 +207,39 @@ def test_milvus_outage_fails_fast_then_recovers_without_losing_writes(server_app
         assert recovered is not None and recovered < 10, recovered
         for product_id in acknowledged:
             assert client.get(f"/products/{product_id}").status_code == 200
+
+
+def test_logs_and_metrics_show_each_request(service):
+    """One structured log line per request (with Serve's request id) and Prometheus metrics."""
+    from conftest import METRICS_PORT
+    from ray._private.worker import global_worker
+
+    r = httpx.post(f"{service}/search/text", json={"query": "blue cap", "k": 2}, timeout=30)
+    request_id = r.headers["x-request-id"]
+    bad = httpx.post(f"{service}/search/text", json={"query": ""}, timeout=30)
+    bad_id = bad.headers["x-request-id"]
+    logs = Path(global_worker.node.get_session_dir_path()) / "logs" / "serve"
+    deadline = time.monotonic() + 30
+    lines: dict[str, dict] = {}
+    while time.monotonic() < deadline and len(lines) < 2:
+        for path in logs.glob("replica_shopsearch_SearchAPI_*.log"):
+            for line in path.read_text().splitlines():
+                if "request {" in line and (request_id in line or bad_id in line):
+                    entry = json.loads(line[line.index("request {") + len("request "):])
+                    lines[entry["request_id"]] = entry
+        time.sleep(0.5)
+    ok, failed = lines[request_id], lines[bad_id]
+    assert ok["route"] == "/search/text" and ok["status"] == 200 and ok["duration_ms"] > 0
+    assert ok["modality"] == "text" and ok["k"] == 2 and ok["results"] == 2
+    assert failed["status"] == 400 and failed["error"].startswith("empty_query")
+
+    deadline = time.monotonic() + 60
+    wanted = ("ray_shopsearch_requests_total", "ray_shopsearch_request_latency_ms_bucket",
+              "ray_shopsearch_encoder_batch_size_bucket", "ray_shopsearch_milvus_latency_ms")
+    while time.monotonic() < deadline:
+        text = httpx.get(f"http://127.0.0.1:{METRICS_PORT}/metrics", timeout=10).text
+        if all(w in text for w in wanted) and 'route="/search/text"' in text:
+            break
+        time.sleep(2)
+    else:
+        pytest.fail(f"metrics missing: {[w for w in wanted if w not in text]}")
