@@ -57,6 +57,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                        help="write through the running service (auto: when it owns Lite)")
     index.add_argument("--app-name", default="shopsearch", help="Serve application to use")
     index.add_argument("--address", help="Ray address (default: RAY_ADDRESS or a local Ray)")
+    index.add_argument("--write-timeout", type=float, default=300,
+                       help="seconds a batch write may take (Milvus Lite stalls writes while "
+                       "it builds an index after each 128 MB)")
     return parser.parse_args(argv)
 
 
@@ -64,7 +67,8 @@ def settings_for(args: argparse.Namespace) -> AppSettings:
     """Config file settings with the command line's Milvus overrides."""
     settings = load_settings(args.config)
     milvus = settings.milvus.model_copy(update={
-        k: v for k, v in (("uri", args.milvus_uri), ("collection", args.collection)) if v})
+        k: v for k, v in (("uri", args.milvus_uri), ("collection", args.collection),
+                          ("timeout_s", getattr(args, "write_timeout", None))) if v})
     media_dir = args.media_dir or settings.media_dir
     return settings.model_copy(update={"milvus": milvus, "media_dir": media_dir})
 

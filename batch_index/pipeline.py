@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +30,7 @@ from deployments.errors import InvalidInput
 from deployments.ingest import stamp, write_products
 from deployments.media import MediaStore
 from deployments.products import Product
+from deployments.ranking import COLOUR_DIMS
 from deployments.store import ProductStore
 from serve_app.settings import AppSettings
 
@@ -130,12 +131,16 @@ class ImageEmbedder:
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         ok = batch["status"] == OK
         vectors = np.zeros((len(ok), self.encoder.dim), dtype=np.float32)
+        colours = np.zeros((len(ok), COLOUR_DIMS), dtype=np.float32)
         if ok.any():
             pixels = np.stack([np.frombuffer(p, np.uint8).reshape(self.shape)
                                for p in batch["pixels"][ok]])
-            vectors[ok] = self.encoder.embed_pixels(pixels)
+            features = self.encoder.features_pixels(pixels)
+            vectors[ok] = np.stack([f.vector for f in features])
+            colours[ok] = np.stack([f.colour for f in features])
         out = {k: v for k, v in batch.items() if k != "pixels"}
         out["image_vector"] = vectors
+        out["colour_vector"] = colours
         out["node"] = np.full(len(ok), ray.get_runtime_context().get_node_id())
         return out
 
@@ -182,30 +187,49 @@ def build_dataset(rows: list[CatalogRow], settings: AppSettings, known: dict[str
 
 
 # -- writers -------------------------------------------------------------------------------
-Writer = Callable[[list[Product], list[bytes], np.ndarray, np.ndarray], None]
-
-
-def direct_writer(settings: AppSettings, store: ProductStore) -> Writer:
+class DirectWriter:
     """Write straight to Milvus (this process owns the store)."""
-    media = MediaStore(settings.media_dir)
 
-    def write(products, images, image_vectors, text_vectors) -> None:
-        write_products(store, media, products, images, image_vectors, text_vectors)
+    def __init__(self, settings: AppSettings, store: ProductStore) -> None:
+        self.store, self.media = store, MediaStore(settings.media_dir)
 
-    return write
+    def __call__(self, products, images, image_vectors, text_vectors, colour_vectors) -> None:
+        write_products(self.store, self.media, products, images, image_vectors, text_vectors,
+                       colour_vectors)
+
+    def finish(self) -> None:
+        """Seal what was written so searches use the index."""
+        self.store.flush()
 
 
-def service_writer(handle) -> Writer:
+class ServiceWriter:
     """Write through the running service's ProductSearch deployment (it owns the store)."""
 
-    def write(products, images, image_vectors, text_vectors) -> None:
-        handle.upsert_many.remote(products, images, image_vectors, text_vectors).result()
+    def __init__(self, handle) -> None:
+        self.handle = handle
 
-    return write
+    def __call__(self, products, images, image_vectors, text_vectors, colour_vectors) -> None:
+        self.handle.upsert_many.remote(products, images, image_vectors, text_vectors,
+                                       colour_vectors).result()
+
+    def finish(self) -> None:
+        """Seal what was written so searches use the index."""
+        self.handle.flush.remote().result()
+
+
+def direct_writer(settings: AppSettings, store: ProductStore) -> DirectWriter:
+    """Write straight to Milvus (this process owns the store)."""
+    return DirectWriter(settings, store)
+
+
+def service_writer(handle) -> ServiceWriter:
+    """Write through the running service's ProductSearch deployment."""
+    return ServiceWriter(handle)
 
 
 def run_index(rows: list[CatalogRow], rejects: list[Reject], settings: AppSettings,
-              known: dict[str, str], writer: Writer, options: IndexOptions) -> Summary:
+              known: dict[str, str], writer: DirectWriter | ServiceWriter,
+              options: IndexOptions) -> Summary:
     """Embed and write every changed row; count what happened."""
     start = time.perf_counter()
     summary = Summary(total=len(rows) + len(rejects), rejects=list(rejects))
@@ -221,14 +245,17 @@ def run_index(rows: list[CatalogRow], rejects: list[Reject], settings: AppSettin
                 if ok.any():
                     products = [Product.model_validate_json(j) for j in batch["product_json"][ok]]
                     images = [Path(paths[p.id]).read_bytes() for p in products]
-                    pending.append(pool.submit(writer, products, images,
-                                               batch["image_vector"][ok], batch["text_vector"][ok]))
+                    pending.append(pool.submit(
+                        writer, products, images, batch["image_vector"][ok],
+                        batch["text_vector"][ok], batch["colour_vector"][ok]))
                     summary.indexed += int(ok.sum())
                     while len(pending) > 2 * options.writers:  # bound what waits in memory
                         pending.pop(0).result()
                 bar.update(len(ok))
             for future in pending:
                 future.result()
+        if summary.indexed:
+            writer.finish()
     summary.rejected = len(summary.rejects)
     summary.wall_s = time.perf_counter() - start
     _record_metrics(summary)

@@ -43,7 +43,7 @@ def _settings(work: Path, backend: str = "auto"):
 def run_naive(dataset: Path, work: Path, rows: int, backend: str) -> dict:
     """One photo at a time: decode, embed, embed its text, insert it."""
     from batch_index.catalog import read_csv_catalog
-    from deployments.encoders import ImageEncoder, TextEncoder
+    from deployments.encoders import ImageEncoder, TextEncoder, decode_image
     from deployments.ingest import write_products
     from deployments.media import MediaStore
     from deployments.products import Product
@@ -59,9 +59,11 @@ def run_naive(dataset: Path, work: Path, rows: int, backend: str) -> dict:
     for row in catalog[:rows]:
         product = Product.model_validate_json(row.product_json)
         photo = Path(row.image_path).read_bytes()
-        vector = image_encoder.embed_bytes([photo])
+        pixels = image_encoder.preprocessor.model_pixels(decode_image(photo))[None]
+        features = image_encoder.features_pixels(pixels)[0]
         text = text_encoder.embed([product.embedding_text()])
-        write_products(store, media, [product], [photo], vector, text)
+        write_products(store, media, [product], [photo], features.vector[None], text,
+                       features.colour[None])
     wall = time.perf_counter() - start
     store.close()
     return {"rows": rows, "wall_s": wall, "images_per_s": rows / wall}
@@ -90,9 +92,10 @@ def run_ceiling(dataset: Path, work: Path, rows: int | None, batch: int = 32) ->
         products = [Product.model_validate_json(r.product_json) for r in chunk]
         photos = [Path(r.image_path).read_bytes() for r in chunk]
         pixels = np.stack([prep.model_pixels(decode_image(p)) for p in photos])
-        vectors = image_encoder.embed_pixels(pixels)
+        features = image_encoder.features_pixels(pixels)
         texts = text_encoder.embed([p.embedding_text() for p in products])
-        write_products(store, media, products, photos, vectors, texts)
+        write_products(store, media, products, photos, np.stack([f.vector for f in features]),
+                       texts, np.stack([f.colour for f in features]))
     wall = time.perf_counter() - start
     store.close()
     return {"rows": len(catalog), "wall_s": wall, "images_per_s": len(catalog) / wall}

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -74,7 +76,9 @@ def measure(size: int, image_seeds: np.ndarray, text_seeds: np.ndarray, queries:
     """Fill a fresh store with `size` products and measure search latency and recall."""
     rng = np.random.default_rng(size)
     settings = load_settings()
-    milvus = settings.milvus.model_copy(update={"uri": tempfile.mkdtemp() + "/scale.db"})
+    # A long read timeout: this measures latency; during an index build searches take seconds.
+    milvus = settings.milvus.model_copy(update={"uri": tempfile.mkdtemp() + "/scale.db",
+                                                "read_timeout_s": 60, "timeout_s": 600})
     store = ProductStore(milvus)
     store.ensure_collection(image_seeds.shape[1], text_seeds.shape[1])
     image = np.empty((size, image_seeds.shape[1]), np.float32)
@@ -84,6 +88,7 @@ def measure(size: int, image_seeds: np.ndarray, text_seeds: np.ndarray, queries:
         image[lo:lo + n] = blend(image_seeds, n, rng)
         products = [Product(id=f"p{lo + i}", title=f"Product {lo + i}") for i in range(n)]
         store.upsert(products, image[lo:lo + n], blend(text_seeds, n, rng))
+    store.flush()
     insert_s = time.perf_counter() - start
     probe = blend(image_seeds, queries, np.random.default_rng(size + 1))
     start = time.perf_counter()
@@ -116,14 +121,21 @@ def main() -> None:
                         type=lambda s: [int(x) for x in s.split(",")])
     parser.add_argument("--seeds", type=int, default=7036, help="real products embedded")
     parser.add_argument("--queries", type=int, default=200)
+    parser.add_argument("--one", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     image_seeds, text_seeds = seed_vectors(args.seeds)
+    if args.one:  # a child process: Milvus Lite cannot reopen a store after closing one
+        print("RESULT " + json.dumps(measure(args.one, image_seeds, text_seeds, args.queries)))
+        return
     settings = load_settings()
     print(f"seeds: {len(image_seeds)} real products; index {settings.milvus.index_type} "
           f"{settings.milvus.index_params} search {settings.milvus.search_params}")
     results = []
     for size in args.sizes:
-        results.append(measure(size, image_seeds, text_seeds, args.queries))
+        out = subprocess.run([sys.executable, "-m", "benchmarks.scale", "--one", str(size),
+                              "--seeds", str(args.seeds), "--queries", str(args.queries)],
+                             capture_output=True, text=True, check=True).stdout
+        results.append(json.loads(out.split("RESULT ")[-1]))
         r = results[-1]
         print(f"{r['size']:>8} vectors: insert {r['insert_s']:.0f} s, index settle "
               f"{r['index_settle_s']:.0f} s, search p50 {r['p50_ms']:.1f} ms p99 "

@@ -11,6 +11,7 @@ import io
 import logging
 import os
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +19,7 @@ import torch
 from PIL import Image, ImageOps
 
 from deployments.errors import InvalidInput
+from deployments.ranking import colour_descriptor
 from serve_app.settings import ImageModelSettings, TextModelSettings
 
 log = logging.getLogger(__name__)
@@ -140,6 +142,15 @@ class ImagePreprocessor:
         return ((arr - self.mean) / self.std).astype(np.float32)
 
 
+@dataclass
+class ImageFeatures:
+    """What the image encoder gives for one photo: the model's L2-normalised vector and the
+    product's colour descriptor (deployments.ranking), both from the same model pixels."""
+
+    vector: np.ndarray
+    colour: np.ndarray
+
+
 class ImageEncoder:
     """Embeds product photos with a timm model: whole image padded to a square, pooled features."""
 
@@ -198,6 +209,12 @@ class ImageEncoder:
                 features = self._model(torch.from_numpy(batch).to(self.device)).float().cpu()
             features = features.numpy()
         return l2_normalise(features)
+
+    def features_pixels(self, pixels: np.ndarray) -> list[ImageFeatures]:
+        """Vectors and colour descriptors of a uint8 NHWC batch."""
+        vectors = self.embed_pixels(pixels)
+        return [ImageFeatures(v, colour_descriptor(p)) for v, p in zip(vectors, pixels,
+                                                                          strict=True)]
 
     def embed(self, images: Sequence[Image.Image]) -> np.ndarray:
         """Embed a batch of PIL images."""

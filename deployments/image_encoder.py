@@ -30,8 +30,8 @@ class ImageEncoder:
         """Vector dimension of the model."""
         return self.encoder.dim
 
-    async def embed(self, image: bytes) -> np.ndarray:
-        """One L2-normalised vector for encoded image bytes; InvalidInput if unreadable."""
+    async def embed(self, image: bytes) -> encoders.ImageFeatures:
+        """Vector and colour descriptor of encoded image bytes; InvalidInput if unreadable."""
         result = await self._embed_batch((image, time.monotonic()))
         if isinstance(result, InvalidInput):
             raise result
@@ -40,13 +40,13 @@ class ImageEncoder:
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.005)
     async def _embed_batch(
         self, items: list[tuple[bytes, float]]
-    ) -> list[np.ndarray | InvalidInput]:
+    ) -> list[encoders.ImageFeatures | InvalidInput]:
         metrics.observe_batch("image", [enqueued for _, enqueued in items])
         return await asyncio.to_thread(self._embed_sync, [image for image, _ in items])
 
-    def _embed_sync(self, images: list[bytes]) -> list[np.ndarray | InvalidInput]:
+    def _embed_sync(self, images: list[bytes]) -> list[encoders.ImageFeatures | InvalidInput]:
         # A bad image fails only its own request, not the batch it shares.
-        results: list[np.ndarray | InvalidInput] = []
+        results: list[encoders.ImageFeatures | InvalidInput | None] = []
         pixels = []
         for blob in images:
             try:
@@ -55,5 +55,5 @@ class ImageEncoder:
                 results.append(None)
             except InvalidInput as exc:
                 results.append(exc)
-        vectors = iter(self.encoder.embed_pixels(np.stack(pixels)) if pixels else [])
-        return [next(vectors) if r is None else r for r in results]
+        features = iter(self.encoder.features_pixels(np.stack(pixels)) if pixels else [])
+        return [next(features) if r is None else r for r in results]

@@ -24,6 +24,7 @@ def stamp(product: Product, image: bytes) -> Product:
 def write_products(
     store: ProductStore, media: MediaStore, products: Sequence[Product],
     images: Sequence[bytes], image_vectors: np.ndarray, text_vectors: np.ndarray,
+    colour_vectors: np.ndarray | None = None,
 ) -> list[Product]:
     """Store photos and upsert products (by id) with their vectors; returns what was stored."""
     stored = []
@@ -31,5 +32,5 @@ def write_products(
         stamped = stamp(product, image)
         ref = media.put(image, stamped.image_hash)
         stored.append(stamped.model_copy(update={"image_ref": ref}))
-    store.upsert(stored, image_vectors, text_vectors)
+    store.upsert(stored, image_vectors, text_vectors, colour_vectors)
     return stored

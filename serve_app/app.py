@@ -54,7 +54,7 @@ def build_app(args: dict[str, Any] | AppSettings) -> Application:
         settings.text_model, settings.text_batching, settings.text_encoder.threads(),
     )
     search = ProductSearch.options(**deployment_options(settings.search)).bind(
-        settings.milvus, settings.media_dir, image, text,
+        settings.milvus, settings.media_dir, image, text, settings.ranking,
     )
     return SearchAPI.options(**deployment_options(settings.ingress)).bind(
         settings, image, text, search

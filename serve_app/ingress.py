@@ -184,15 +184,16 @@ class SearchAPI:
     async def search_image(
         self, request: Request, image: Annotated[UploadFile, File(description="Product photo")],
         k: Annotated[int, Query(description="How many results")] = 10,
+        explain: Annotated[bool, Query(description="Say why each result ranked")] = False,
     ) -> SearchResponse:
         start = time.perf_counter()
         k = self._check_k(k)
-        filters = filters_from_params(request.query_params.multi_items(), {"k"})
+        filters = filters_from_params(request.query_params.multi_items(), {"k", "explain"})
         data = await self._read_image(image)
         # The vector goes from the encoder straight to the search replica (Serve resolves a
         # DeploymentResponse passed as an argument), not through this replica.
-        hits = await self._call(lambda: self.search.search.remote(
-            "image", self.image_encoder.embed.remote(data), k, filters))
+        hits = await self._call(lambda: self.search.search_image.remote(
+            self.image_encoder.embed.remote(data), k, filters, explain=explain))
         _log_extra(request, modality="image", k=k, filters=filters.used(), results=len(hits))
         return SearchResponse.of(hits, (time.perf_counter() - start) * 1000)
 
@@ -203,8 +204,8 @@ class SearchAPI:
         k = self._check_k(body.k)
         text = self._check_text(body.query)
         filters = parse_filters(body.filters)
-        hits = await self._call(lambda: self.search.search.remote(
-            "text", self.text_encoder.embed.remote(text), k, filters))
+        hits = await self._call(lambda: self.search.search_text.remote(
+            self.text_encoder.embed.remote(text), text, k, filters, body.explain))
         _log_extra(request, modality="text", k=k, filters=filters.used(), results=len(hits))
         return SearchResponse.of(hits, (time.perf_counter() - start) * 1000)
 
@@ -220,10 +221,11 @@ class SearchAPI:
         k: Annotated[int, Query()] = 10,
         ranker: Annotated[Literal["rrf", "weighted"], Query()] = "rrf",
         image_weight: Annotated[float, Query(ge=0, le=1)] = 0.5,
+        explain: Annotated[bool, Query()] = False,
     ) -> SearchResponse:
         start = time.perf_counter()
         k = self._check_k(k)
-        reserved = {"k", "ranker", "image_weight"}
+        reserved = {"k", "ranker", "image_weight", "explain"}
         filters = filters_from_params(request.query_params.multi_items(), reserved)
         data = await self._read_image(image) if image is not None else None
         text = self._check_text(query) if query is not None and query.strip() else None
@@ -234,12 +236,14 @@ class SearchAPI:
                 self.image_encoder.embed.remote(data), self.text_encoder.embed.remote(text), k,
                 filters, ranker, image_weight))
             modality = "hybrid"
+        elif data is not None:
+            hits = await self._call(lambda: self.search.search_image.remote(
+                self.image_encoder.embed.remote(data), k, filters, explain=explain))
+            modality = "image"
         else:
-            field, encoder, payload = (("image", self.image_encoder, data) if data is not None
-                                       else ("text", self.text_encoder, text))
-            hits = await self._call(lambda: self.search.search.remote(
-                field, encoder.embed.remote(payload), k, filters))
-            modality = field
+            hits = await self._call(lambda: self.search.search_text.remote(
+                self.text_encoder.embed.remote(text), text, k, filters, explain))
+            modality = "text"
         _log_extra(request, modality=modality, k=k, filters=filters.used(), results=len(hits))
         return SearchResponse.of(hits, (time.perf_counter() - start) * 1000)
 
@@ -264,11 +268,13 @@ class SearchAPI:
     async def similar(
         self, request: Request, product_id: str,
         k: Annotated[int, Query(description="How many results")] = 10,
+        explain: Annotated[bool, Query(description="Say why each result ranked")] = False,
     ) -> SearchResponse:
         start = time.perf_counter()
         k = self._check_k(k)
-        filters = filters_from_params(request.query_params.multi_items(), {"k"})
-        hits = await self._call(lambda: self.search.similar.remote(product_id, k, filters))
+        filters = filters_from_params(request.query_params.multi_items(), {"k", "explain"})
+        hits = await self._call(lambda: self.search.similar.remote(product_id, k, filters,
+                                                                   explain))
         _log_extra(request, modality="similar", k=k, filters=filters.used(), results=len(hits))
         return SearchResponse.of(hits, (time.perf_counter() - start) * 1000)
 

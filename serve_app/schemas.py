@@ -15,6 +15,7 @@ class TextQuery(BaseModel):
 
     query: str = Field(description="What the shopper typed")
     k: int = Field(10, description="How many results")
+    explain: bool = Field(False, description="say why each result ranked")
     filters: dict[str, Any] | None = Field(
         None, description='e.g. {"colour": ["Red"], "gender": "Women", "price_max": 50, '
         '"attributes": {"material": "cotton"}}')
@@ -28,13 +29,16 @@ class ResultItem(BaseModel):
     title: str
     image_url: str
     attributes: dict[str, Any]
+    explain: dict[str, Any] | None = Field(None, description="per-signal scores (explain=true)")
 
     @classmethod
-    def of(cls, product: Product, score: float | None = None) -> ResultItem:
+    def of(cls, product: Product, score: float | None = None,
+           explain: dict[str, Any] | None = None) -> ResultItem:
         """Build from a stored product."""
         return cls(
             id=product.id, score=score, title=product.title,
             image_url=f"/images/{product.id}", attributes=product.public_attributes(),
+            explain=explain,
         )
 
 
@@ -47,7 +51,7 @@ class SearchResponse(BaseModel):
     @classmethod
     def of(cls, hits: list[Hit], took_ms: float) -> SearchResponse:
         """Build from store hits."""
-        return cls(results=[ResultItem.of(h.product, h.score) for h in hits],
+        return cls(results=[ResultItem.of(h.product, h.score, h.signals) for h in hits],
                    took_ms=round(took_ms, 2))
 
 

@@ -121,6 +121,17 @@ class ResilienceSettings(BaseModel):
     request_timeout_s: float = Field(10.0, gt=0, description="end-to-end budget per request")
 
 
+class RankingSettings(BaseModel):
+    """Attribute-aware ranking (deployments.ranking); benchmarks/RESULTS.md has the figures."""
+
+    enabled: bool = True
+    candidates: int = Field(200, ge=1, le=2000, description="vector hits re-ranked per query")
+    colour_weight: float = Field(0.5, ge=0)
+    article_type_weight: float = Field(1.0, ge=0)
+    colour_label_weight: float = Field(1.0, ge=0)
+    text_attributes: bool = Field(True, description="attribute words in text queries filter")
+
+
 class DemoSettings(BaseModel):
     """The synthetic demo catalogue indexed when the collection is empty."""
 
@@ -147,6 +158,7 @@ class AppSettings(BaseSettings):
     ingress: ScalingSettings = Field(default_factory=ScalingSettings)
     limits: LimitSettings = Field(default_factory=LimitSettings)
     resilience: ResilienceSettings = Field(default_factory=ResilienceSettings)
+    ranking: RankingSettings = Field(default_factory=RankingSettings)
     demo: DemoSettings = Field(default_factory=DemoSettings)
     media_dir: str = "./data/media"
 

@@ -63,12 +63,21 @@ def test_text_search_finds_described_products(client):
 
 
 def test_similar_leaves_out_the_product_itself(client, demo_rows):
-    r = client.get("/products/demo-0021/similar", params={"k": 4})
+    query = client.get("/products/demo-0021").json()["attributes"]  # blue trousers
+    r = client.get("/products/demo-0021/similar", params={"k": 4, "explain": "true"})
     assert r.status_code == 200, r.text
-    ids = [x["id"] for x in r.json()["results"]]
-    assert len(ids) == 4 and "demo-0021" not in ids
-    # Trousers look most like trousers.
-    assert r.json()["results"][0]["attributes"]["article_type"] == "Trousers"
+    results = r.json()["results"]
+    assert len(results) == 4 and "demo-0021" not in [x["id"] for x in results]
+    # No other blue trousers exist: every result shares the type or the colour.
+    for x in results:
+        attrs = x["attributes"]
+        assert (attrs["article_type"], attrs["colour"]) != (query["article_type"],
+                                                            query["colour"])
+        assert attrs["article_type"] == query["article_type"] or attrs["colour"] == query[
+            "colour"], attrs
+    explain = results[0]["explain"]
+    assert {"visual", "colour", "article_type", "colour_label", "score"} <= set(explain)
+    assert explain["inferred"]["colour"] == "Blue"
 
 
 def test_upsert_then_find_then_delete(client):
@@ -234,3 +243,16 @@ def test_hybrid_search_fuses_photo_and_text(client):
     assert client.post("/search", params={"k": 5}).json()["error"]["code"] == "empty_query"
     bad = client.post("/search", data={"query": "x"}, params={"ranker": "magic"})
     assert bad.status_code == 422
+
+
+def test_text_attribute_words_narrow_and_explain(client):
+    r = client.post("/search/text", json={"query": "green handbags", "k": 5, "explain": True})
+    results = r.json()["results"]
+    assert results[0]["id"] == "demo-0042"  # the only green handbag
+    assert results[0]["explain"]["recognised"] == {"colour": ["Green"],
+                                                   "article_type": ["Handbags"]}
+    assert len(results) == 5  # the rest filled from the unfiltered search
+    # A field the shopper set wins over the recognised word.
+    r = client.post("/search/text", json={"query": "green handbags", "k": 3,
+                                           "filters": {"colour": "Red"}})
+    assert {x["attributes"]["colour"] for x in r.json()["results"]} == {"Red"}
