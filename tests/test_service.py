@@ -256,3 +256,22 @@ def test_text_attribute_words_narrow_and_explain(client):
     r = client.post("/search/text", json={"query": "green handbags", "k": 3,
                                            "filters": {"colour": "Red"}})
     assert {x["attributes"]["colour"] for x in r.json()["results"]} == {"Red"}
+
+
+def test_similar_leaves_out_copies_of_the_same_photo(client):
+    photo = _image_of(client, "demo-0007")
+    attributes = client.get("/products/demo-0007").json()["attributes"]
+    labels = {f: attributes[f] for f in ("category", "article_type", "colour", "gender")}
+    copy = {"id": "copy-of-0007", "title": "Same photo, other listing", **labels}
+    r = client.post("/products", files={"image": ("c.jpg", photo)},
+                    data={"product": json.dumps(copy)})
+    assert r.status_code == 201
+    try:
+        ids = [x["id"] for x in client.get("/products/demo-0007/similar",
+                                           params={"k": 20}).json()["results"]]
+        assert "copy-of-0007" not in ids and "demo-0007" not in ids
+        searched = client.post("/search/image", files={"image": ("q.jpg", photo)},
+                               params={"k": 2}).json()["results"]
+        assert {x["id"] for x in searched} == {"demo-0007", "copy-of-0007"}  # search keeps both
+    finally:
+        client.delete("/products/copy-of-0007")
