@@ -215,6 +215,8 @@ def test_clicking_a_result_loads_more_like_it(browser, service):
     picked = results(browser)[1]
     picked_id = picked.get_attribute("data-id")
     picked_type = picked.find_element(By.CLASS_NAME, "result-type").text
+    picked_colour = picked.find_element(By.CLASS_NAME, "result-colour").get_attribute(
+        "data-value")
 
     before = search_count(browser)
     picked.find_element(By.CSS_SELECTOR, "a.result-link").click()
@@ -225,7 +227,14 @@ def test_clicking_a_result_loads_more_like_it(browser, service):
     found = results(browser)
     ids = [r.get_attribute("data-id") for r in found]
     assert len(ids) == 6 and picked_id not in ids
-    assert found[0].find_element(By.CLASS_NAME, "result-type").text == picked_type
+    # Ranking weighs colour too: the best match shares the type or the colour, and most of the
+    # results share the type.
+    first = found[0]
+    assert (first.find_element(By.CLASS_NAME, "result-type").text == picked_type
+            or first.find_element(By.CLASS_NAME, "result-colour").get_attribute("data-value")
+            == picked_colour)
+    types = [r.find_element(By.CLASS_NAME, "result-type").text for r in found]
+    assert types.count(picked_type) >= len(types) // 2, types
     wait_images_loaded(browser)
     ARTIFACTS.mkdir(exist_ok=True)
     browser.save_screenshot(str(ARTIFACTS / "page-similar.png"))
