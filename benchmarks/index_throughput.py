@@ -112,7 +112,7 @@ def run_ray_job(dataset: Path, work: Path, rows: int | None) -> dict:
     start = time.perf_counter()
     out = subprocess.run(cmd, capture_output=True, text=True, check=True)
     total = time.perf_counter() - start
-    summary = json.loads(out.stdout.split("summary ")[-1])
+    summary = json.loads(out.stdout.split("summary ")[-1].splitlines()[0])
     return {"rows": summary["indexed"], "wall_s": summary["wall_s"],
             "images_per_s": summary["images_per_s"], "command_wall_s": total}
 
@@ -174,7 +174,10 @@ def main() -> None:
     if not (args.dataset / "products.csv").exists():
         print(f"skipped: {args.dataset} not found")
         return None
-    results = [measure(m, args) for m in args.modes.split(",")]
+    results = []
+    for mode in args.modes.split(","):
+        results.append(measure(mode, args))
+        print(json.dumps(results[-1]), flush=True)
     by_mode = {r["mode"]: r for r in results}
     print(f"\n{'mode':<12} {'rows':>6} {'wall s':>8} {'images/s':>9} {'peak RSS MB':>12}")
     for r in results:
