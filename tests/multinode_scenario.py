@@ -106,7 +106,10 @@ def main(work: Path) -> dict:
     store.ensure_collection(1280, 384)
     summary = pipeline.run_index(
         rows, rejects, settings, {}, pipeline.direct_writer(settings, store),
-        pipeline.IndexOptions(batch_size=4, image_actors=2, image_threads=1))
+        # 1.5 CPUs per image actor (as on a real cluster, see --image-actor-cpus): two cannot
+        # share a 2-CPU node, so the pool must use both nodes.
+        pipeline.IndexOptions(batch_size=4, image_actors=2, image_threads=1,
+                              image_actor_cpus=1.5))
     found.update(job_indexed=summary.indexed, job_image_actor_nodes=len(summary.image_nodes))
     store.close()
     ray.shutdown()
