@@ -5,7 +5,7 @@ products, and shapes the JSON answer. Failures are typed (deployments.errors) an
 status codes in one place, `error_response`.
 """
 
-
+# No `from __future__ import annotations` here: serve.ingress needs the route annotations real.
 import asyncio
 import csv
 import itertools
@@ -412,6 +412,7 @@ class SearchAPI:
 
             start = time.perf_counter()
             await asyncio.gather(*(index(r) for r in rows))
+            await self.search.flush.remote()
             self.demo_status = "done"
             log.info("demo catalogue indexed: %d products in %.1f s from %s", len(rows),
                      time.perf_counter() - start, Path(demo.dir).resolve())
