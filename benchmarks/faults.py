@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+import httpx
 import ray
 
 
@@ -78,3 +79,19 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def wait_healthy(url: str, products: int = 0, timeout: float = 180) -> dict:
+    """Poll /healthz until it is 200 with at least `products` products indexed."""
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        try:
+            r = httpx.get(f"{url}/healthz", timeout=10)
+            last = r.text
+            if r.status_code == 200 and r.json()["products"] >= products:
+                return r.json()
+        except httpx.HTTPError as exc:
+            last = repr(exc)
+        time.sleep(0.5)
+    raise TimeoutError(f"service not healthy in {timeout}s: {last}")

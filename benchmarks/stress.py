@@ -127,7 +127,7 @@ def fault_run(args: argparse.Namespace) -> dict:
     import ray
     from ray import serve
 
-    from benchmarks.faults import LiteServer, free_port, kill_replica
+    from benchmarks.faults import LiteServer, free_port, kill_replica, wait_healthy
     from serve_app.app import build_app
     from serve_app.settings import load_settings
 
@@ -148,7 +148,7 @@ def fault_run(args: argparse.Namespace) -> dict:
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(build_app(settings), name="stress", route_prefix="/")
     url = f"http://127.0.0.1:{port}"
-    _wait(url, 48)
+    wait_healthy(url, 48)
     photos, ids = demo_photos(work / "demo")
     record = Record()
 
@@ -185,19 +185,6 @@ def fault_run(args: argparse.Namespace) -> dict:
     ray.shutdown()
     milvus.stop()
     return result
-
-
-def _wait(url: str, products: int, timeout: float = 300) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            r = httpx.get(f"{url}/healthz", timeout=10)
-            if r.status_code == 200 and r.json()["products"] >= products:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(1)
-    raise TimeoutError("service not ready")
 
 
 def main() -> None:
