@@ -14,9 +14,9 @@ import os
 import sys
 from pathlib import Path
 
-from batch_index.catalog import read_csv_catalog, read_folder_catalog
-from deployments.errors import SearchError
-from serve_app.settings import DEFAULT_CONFIG, AppSettings, load_settings
+from deployments.core.catalog import read_csv_catalog, read_folder_catalog
+from deployments.core.errors import SearchError
+from deployments.core.settings import DEFAULT_CONFIG, AppSettings, load_settings
 
 log = logging.getLogger("batch_index")
 
@@ -75,7 +75,7 @@ def settings_for(args: argparse.Namespace) -> AppSettings:
 
 def open_store(settings: AppSettings):
     """Open the store, explaining the Lite one-process rule if another process holds it."""
-    from deployments.store import ProductStore
+    from deployments.core.store import ProductStore
 
     try:
         return ProductStore(settings.milvus)
@@ -90,7 +90,7 @@ def open_store(settings: AppSettings):
 
 def cmd_create(settings: AppSettings) -> None:
     """Create the collection with dims read from the configured models."""
-    from deployments.encoders import model_dims
+    from deployments.core.encoders import model_dims
 
     store = open_store(settings)
     store.ensure_collection(*model_dims(settings.image_model, settings.text_model))
@@ -112,7 +112,7 @@ def cmd_stats(settings: AppSettings) -> None:
     stats = {"uri": settings.milvus.uri, "collection": settings.milvus.collection,
              "exists": store.exists()}
     if stats["exists"]:
-        from deployments.encoders import model_dims
+        from deployments.core.encoders import model_dims
 
         store.ensure_collection(*model_dims(settings.image_model, settings.text_model))
         stats.update(rows=store.count(), metric=settings.milvus.metric,
@@ -156,7 +156,7 @@ def cmd_index(args: argparse.Namespace, settings: AppSettings) -> int:
         writer = pipeline.service_writer(search)
         options.writers = 1
     else:
-        from deployments.encoders import model_dims
+        from deployments.core.encoders import model_dims
 
         store = open_store(settings)
         store.ensure_collection(*model_dims(settings.image_model, settings.text_model))

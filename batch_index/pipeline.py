@@ -24,15 +24,15 @@ import numpy as np
 import ray
 from tqdm import tqdm
 
-from batch_index.catalog import CatalogRow, Reject
-from deployments import encoders
-from deployments.errors import InvalidInput
-from deployments.ingest import stamp, write_products
-from deployments.media import MediaStore
-from deployments.products import Product
-from deployments.ranking import COLOUR_DIMS
-from deployments.store import ProductStore
-from serve_app.settings import AppSettings
+from deployments.core import encoders
+from deployments.core.catalog import CatalogRow, Reject
+from deployments.core.colour import COLOUR_DIMS
+from deployments.core.errors import InvalidInput
+from deployments.core.media import MediaStore
+from deployments.core.products import Product
+from deployments.core.settings import AppSettings
+from deployments.core.store import ProductStore
+from deployments.core.writes import stamp, write_products
 
 log = logging.getLogger(__name__)
 OK, UNCHANGED, REJECTED = "ok", "unchanged", "rejected"

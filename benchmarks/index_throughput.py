@@ -30,7 +30,7 @@ OUT = Path(__file__).resolve().parent / "out"
 
 
 def _settings(work: Path, backend: str = "auto"):
-    from serve_app.settings import load_settings
+    from deployments.core.settings import load_settings
 
     s = load_settings()
     return s.model_copy(update={
@@ -42,12 +42,12 @@ def _settings(work: Path, backend: str = "auto"):
 
 def run_naive(dataset: Path, work: Path, rows: int, backend: str) -> dict:
     """One photo at a time: decode, embed, embed its text, insert it."""
-    from batch_index.catalog import read_csv_catalog
-    from deployments.encoders import ImageEncoder, TextEncoder, decode_image
-    from deployments.ingest import write_products
-    from deployments.media import MediaStore
-    from deployments.products import Product
-    from deployments.store import ProductStore
+    from deployments.core.catalog import read_csv_catalog
+    from deployments.core.encoders import ImageEncoder, TextEncoder, decode_image
+    from deployments.core.media import MediaStore
+    from deployments.core.products import Product
+    from deployments.core.store import ProductStore
+    from deployments.core.writes import write_products
 
     settings = _settings(work, backend)
     catalog, _ = read_csv_catalog(dataset / "products.csv")
@@ -71,12 +71,12 @@ def run_naive(dataset: Path, work: Path, rows: int, backend: str) -> dict:
 
 def run_ceiling(dataset: Path, work: Path, rows: int | None, batch: int = 32) -> dict:
     """The same encoders, batched, in one process: the most one process gets from the CPUs."""
-    from batch_index.catalog import read_csv_catalog
-    from deployments.encoders import ImageEncoder, TextEncoder, decode_image
-    from deployments.ingest import write_products
-    from deployments.media import MediaStore
-    from deployments.products import Product
-    from deployments.store import ProductStore
+    from deployments.core.catalog import read_csv_catalog
+    from deployments.core.encoders import ImageEncoder, TextEncoder, decode_image
+    from deployments.core.media import MediaStore
+    from deployments.core.products import Product
+    from deployments.core.store import ProductStore
+    from deployments.core.writes import write_products
 
     settings = _settings(work)
     catalog, _ = read_csv_catalog(dataset / "products.csv")

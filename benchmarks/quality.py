@@ -9,7 +9,7 @@ keyed by model and file list), then reports, for each method side by side:
   (b) text queries built from attribute combinations ("black casual shoes for men") that exist at
       least `--min-support` times: share of the top 10 matching every named attribute;
   (c) ANN recall@10 of the configured HNSW index against exact (FLAT) search, on a temporary
-      Milvus Lite collection through deployments.store.ProductStore.
+      Milvus Lite collection through deployments.core.store.ProductStore.
 
     .venv/bin/python -m benchmarks.quality [--dataset DIR] [--skip-ann]
 """
@@ -49,8 +49,8 @@ class Catalogue:
 def load_catalogue(dataset: Path) -> Catalogue:
     """Read `products.csv` with the project's reader; group identical photos by content hash
     (and by a `dup_group` column where the catalogue has one)."""
-    from batch_index.catalog import read_csv_catalog
-    from deployments.products import Product
+    from deployments.core.catalog import read_csv_catalog
+    from deployments.core.products import Product
 
     rows, _ = read_csv_catalog(dataset / "products.csv")
     products = [Product.model_validate_json(r.product_json) for r in rows]
@@ -82,7 +82,7 @@ def _cache_key(settings, catalogue: Catalogue) -> str:
 
 def _pixel_batches(paths: list[str], prep, batch: int):
     """The model's 224x224 input pixels of every photo, in batches."""
-    from deployments.encoders import decode_image
+    from deployments.core.encoders import decode_image
 
     for i in range(0, len(paths), batch):
         yield i, np.stack([prep.model_pixels(decode_image(Path(p).read_bytes()))
@@ -91,15 +91,15 @@ def _pixel_batches(paths: list[str], prep, batch: int):
 
 def embed_catalogue(catalogue: Catalogue, batch: int = 32) -> dict[str, np.ndarray]:
     """Image vectors, text vectors and colour descriptors of every product, computed with the
-    configured encoders and deployments.ranking, cached in benchmarks/out/."""
-    from deployments import ranking
-    from deployments.encoders import ImageEncoder, ImagePreprocessor, TextEncoder
-    from serve_app.settings import load_settings
+    configured encoders and deployments.core.ranking, cached in benchmarks/out/."""
+    from deployments.core import colour as ranking_colour
+    from deployments.core.encoders import ImageEncoder, ImagePreprocessor, TextEncoder
+    from deployments.core.settings import load_settings
 
     settings = load_settings()
     key = _cache_key(settings, catalogue)
     vectors_path = OUT / f"vectors-{key}.npz"
-    colours_path = OUT / f"colours-{key}-{ranking.COLOUR_VERSION}.npy"
+    colours_path = OUT / f"colours-{key}-{ranking_colour.COLOUR_VERSION}.npy"
     result: dict[str, np.ndarray] = {}
     if vectors_path.exists():
         with np.load(vectors_path) as cached:
@@ -119,7 +119,7 @@ def embed_catalogue(catalogue: Catalogue, batch: int = 32) -> dict[str, np.ndarr
         prep = ImagePreprocessor.for_settings(settings.image_model)
     images, texts, colours = [], [], []
     for i, pixels in _pixel_batches(catalogue.paths, prep, batch):
-        colours.extend(ranking.colour_descriptor(px) for px in pixels)
+        colours.extend(ranking_colour.colour_descriptor(px) for px in pixels)
         if need_vectors:
             images.append(image_encoder.embed_pixels(pixels))
             texts.append(text_encoder.embed([p.embedding_text()
@@ -165,7 +165,7 @@ class PhotoRun:
 def photo_run(catalogue: Catalogue, vectors: dict, members: np.ndarray, pool: int) -> PhotoRun:
     """Leave-one-out photo queries within `members`: each member's photo searches the others,
     its own id and every copy of its photo (same group) left out of results and of the votes."""
-    from deployments.ranking import Candidate, query_signals, signal_matrix
+    from deployments.core.ranking import Candidate, query_signals, signal_matrix
 
     image, colour = vectors["image"][members], vectors["colour"][members]
     groups = catalogue.groups[members]
@@ -184,7 +184,7 @@ def photo_run(catalogue: Catalogue, vectors: dict, members: np.ndarray, pool: in
 def photo_scores(catalogue: Catalogue, run: PhotoRun, weights) -> dict[str, float]:
     """P@1 and P@10 (same article type, same colour, both) of the runs ranked by `weights`."""
     from benchmarks.quality_metrics import mean, precision_at_k
-    from deployments.ranking import SIGNALS
+    from deployments.core.ranking import SIGNALS
 
     w = np.array([getattr(weights, s) for s in SIGNALS])
     order = np.argsort(-(run.signals @ w), axis=1, kind="stable")[:, :10]
@@ -202,7 +202,7 @@ def photo_scores(catalogue: Catalogue, run: PhotoRun, weights) -> dict[str, floa
 
 def weight_grid():
     """The few weight settings tried on one half (visual similarity fixed at 1)."""
-    from deployments.ranking import Weights
+    from deployments.core.ranking import Weights
 
     for colour in (0.0, 0.25, 0.5, 1.0):
         for article_type in (0.0, 0.5, 1.0, 2.0):
@@ -220,7 +220,7 @@ def photo_report(catalogue: Catalogue, vectors: dict, pool: int, seed: int) -> d
     weights chosen on one half are scored on the other half, each half its own catalogue."""
     from dataclasses import asdict
 
-    from deployments.ranking import Weights
+    from deployments.core.ranking import Weights
 
     methods = {"raw vectors": Weights(1.0, 0.0, 0.0, 0.0),
                "+ colour similarity only": Weights(1.0, 0.5, 0.0, 0.0),
@@ -278,7 +278,7 @@ def text_queries(catalogue: Catalogue, min_support: int, per_template: int, seed
     exist at least `min_support` times, at most `per_template` per template (seeded sample)."""
     from collections import Counter
 
-    from deployments.ranking import IGNORED_VALUES
+    from deployments.core.query import IGNORED_VALUES
 
     rng = np.random.default_rng(seed)
     queries = []
@@ -298,8 +298,8 @@ def text_queries(catalogue: Catalogue, min_support: int, per_template: int, seed
 
 def embed_texts(texts: list[str]) -> np.ndarray:
     """Query vectors from the configured text encoder (cached by text list and model)."""
-    from deployments.encoders import TextEncoder
-    from serve_app.settings import load_settings
+    from deployments.core.encoders import TextEncoder
+    from deployments.core.settings import load_settings
 
     settings = load_settings()
     digest = hashlib.sha256(settings.text_model.model_dump_json(exclude={"device"}).encode())
@@ -319,7 +319,7 @@ def text_report(catalogue: Catalogue, vectors: dict, args: argparse.Namespace) -
     from collections import Counter
 
     from benchmarks.quality_metrics import match_all_at_k, mean
-    from deployments.ranking import TEXT_FIELDS, AttributeVocabulary, attribute_match
+    from deployments.core.query import TEXT_FIELDS, AttributeVocabulary, attribute_match
 
     queries = text_queries(catalogue, args.min_support, args.text_queries, args.seed)
     if not queries:
@@ -367,7 +367,7 @@ def text_report(catalogue: Catalogue, vectors: dict, args: argparse.Namespace) -
 def _search_many(store, vectors: np.ndarray, field: str, k: int) -> list[list[str]]:
     """Top-k ids per query vector, in one batched call with the store's own search parameters
     (ProductStore.search takes one vector; Milvus Lite adds ~0.7 s per call here)."""
-    from deployments.store import VECTOR_FIELDS
+    from deployments.core.store import VECTOR_FIELDS
 
     hits = store._client.search(
         store.collection, data=vectors.astype(np.float32).tolist(),
@@ -382,7 +382,7 @@ def _filled_store(settings, catalogue: Catalogue, vectors: dict):
     """A ProductStore collection holding the catalogue's vectors, flushed so that Milvus seals
     the rows and builds the index on them (until then it searches growing segments
     exhaustively, whatever the index)."""
-    from deployments.store import ProductStore
+    from deployments.core.store import ProductStore
 
     store = ProductStore(settings)
     store.ensure_collection(vectors["image"].shape[1], vectors["text"].shape[1])
@@ -404,7 +404,7 @@ def ann_report(catalogue: Catalogue, vectors: dict, text_vectors: np.ndarray, n:
     filled last, is measured until its recall drops below 1: from then on the figures come from
     the indexes (`index_in_use` says whether that happened within `settle_s`)."""
     from benchmarks.quality_metrics import mean, recall_at_k
-    from serve_app.settings import load_settings
+    from deployments.core.settings import load_settings
 
     configured = load_settings().milvus
     work = Path(tempfile.mkdtemp(prefix="quality-ann-"))

@@ -22,12 +22,12 @@ from pathlib import Path
 import numpy as np
 import psutil
 
-from batch_index.catalog import read_csv_catalog
-from batch_index.demo import generate_demo_catalog
-from deployments.encoders import ImageEncoder, TextEncoder, decode_image
-from deployments.products import Product
-from deployments.store import ProductStore
-from serve_app.settings import load_settings
+from deployments.core.catalog import read_csv_catalog
+from deployments.core.demo import generate_demo_catalog
+from deployments.core.encoders import ImageEncoder, TextEncoder, decode_image
+from deployments.core.products import Product
+from deployments.core.settings import load_settings
+from deployments.core.store import ProductStore
 
 DATASET = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "fashion-dev"
 OUT = Path(__file__).resolve().parent / "out"

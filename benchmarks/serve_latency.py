@@ -27,9 +27,9 @@ import httpx
 import numpy as np
 import yaml
 
-from batch_index.demo import generate_demo_catalog
-from deployments.encoders import ImageEncoder
-from serve_app.settings import AppSettings, load_settings
+from deployments.core.demo import generate_demo_catalog
+from deployments.core.encoders import ImageEncoder
+from deployments.core.settings import AppSettings, load_settings
 
 OUT = Path(__file__).resolve().parent / "out"
 

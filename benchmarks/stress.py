@@ -28,7 +28,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 
-from batch_index.demo import generate_demo_catalog
+from deployments.core.demo import generate_demo_catalog
 
 OUT = Path(__file__).resolve().parent / "out"
 QUERIES = ["red dress", "black sports shoes", "blue t-shirt for men", "leather handbag",
@@ -127,9 +127,9 @@ def fault_run(args: argparse.Namespace) -> dict:
     import ray
     from ray import serve
 
-    from benchmarks.faults import LiteServer, free_port, kill_replica, wait_healthy
+    from deployments.core.settings import load_settings
     from serve_app.app import build_app
-    from serve_app.settings import load_settings
+    from tests.support import LiteServer, free_port, kill_replica, wait_healthy
 
     work = Path(tempfile.mkdtemp(prefix="stress-"))
     milvus = LiteServer(work / "milvus", free_port())

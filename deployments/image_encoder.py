@@ -8,9 +8,10 @@ import time
 import numpy as np
 from ray import serve
 
-from deployments import encoders, metrics
-from deployments.errors import InvalidInput
-from serve_app.settings import BatchingSettings, ImageModelSettings
+from deployments import metrics
+from deployments.core import encoders
+from deployments.core.errors import InvalidInput
+from deployments.core.settings import BatchingSettings, ImageModelSettings
 
 
 @serve.deployment

@@ -8,8 +8,9 @@ import time
 import numpy as np
 from ray import serve
 
-from deployments import encoders, metrics
-from serve_app.settings import BatchingSettings, TextModelSettings
+from deployments import metrics
+from deployments.core import encoders
+from deployments.core.settings import BatchingSettings, TextModelSettings
 
 
 @serve.deployment

@@ -13,11 +13,11 @@ from typing import Any
 
 from ray.serve import Application
 
+from deployments.core.settings import AppSettings, ScalingSettings
 from deployments.image_encoder import ImageEncoder
 from deployments.search import ProductSearch
 from deployments.text_encoder import TextEncoder
 from serve_app.ingress import SearchAPI
-from serve_app.settings import AppSettings, ScalingSettings
 
 
 def deployment_options(scaling: ScalingSettings) -> dict[str, Any]:

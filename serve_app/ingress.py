@@ -1,49 +1,35 @@
-"""HTTP ingress: FastAPI routes that validate input and call the deployments through handles.
+"""HTTP ingress: the FastAPI routes. Each checks its input, sends the photo or text to an encoder
+deployment and the vector on to ProductSearch (Serve passes one handle's response straight into the
+next call, so vectors never travel through this replica), and shapes the JSON answer.
 
-Read top-down: each route checks its input, asks the encoders for vectors, asks ProductSearch for
-products, and shapes the JSON answer. Failures are typed (deployments.errors) and mapped to HTTP
-status codes in one place, `error_response`.
+Errors, logs and metrics: serve_app.http; retries and deadlines: serve_app.resilience.
 """
 
 # No `from __future__ import annotations` here: serve.ingress needs the route annotations real.
 import asyncio
-import csv
-import itertools
-import json
-import logging
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Annotated, Any, Literal, TypeVar
+from typing import Annotated, Literal, TypeVar
 
 from fastapi import FastAPI, File, Form, Query, Request, UploadFile
-from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
 from pydantic import ValidationError
 from ray import serve
-from ray.exceptions import RayActorError
-from ray.serve.exceptions import (
-    BackPressureError,
-    DeploymentUnavailableError,
-    ReplicaUnavailableError,
-)
 from ray.serve.handle import DeploymentHandle
-from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from batch_index.demo import generate_demo_catalog
-from deployments import metrics
-from deployments.errors import BackendUnavailable, InvalidInput, NotFound, SearchError
-from deployments.filters import filters_from_params, parse_filters
-from deployments.media import check_image
-from deployments.products import Product
+from deployments.core.errors import InvalidInput, NotFound
+from deployments.core.filters import Filters, parse_filters
+from deployments.core.media import check_image
+from deployments.core.products import Product
+from deployments.core.settings import AppSettings
+from deployments.core.store import Hit
+from serve_app import http, resilience
 from serve_app.schemas import ErrorResponse, ProductPage, ResultItem, SearchResponse, TextQuery
-from serve_app.settings import AppSettings
+from serve_app.seeding import DemoSeeder
 
-log = logging.getLogger("ray.serve")
 T = TypeVar("T")
-
 WEB_DIR = Path(__file__).resolve().parent / "web"
-STATUS_BY_CODE = {"upload_too_large": 413, "image_too_large": 413, "unsupported_media_type": 415}
 ERRORS = {400: {"model": ErrorResponse}, 404: {"model": ErrorResponse},
           503: {"model": ErrorResponse}}
 
@@ -52,111 +38,9 @@ api = FastAPI(
     description="Find catalogue products similar to a photo or a description.",
     version="0.1.0",
 )
+http.install(api)
 
 
-def error_response(exc: Exception) -> JSONResponse:
-    """The one place failures become HTTP answers: `{"error": {"code", "message"}}`."""
-    if isinstance(exc, InvalidInput):
-        status = STATUS_BY_CODE.get(exc.code, 400)
-    elif isinstance(exc, NotFound):
-        status = 404
-    elif isinstance(exc, BackendUnavailable | RayActorError | BackPressureError | TimeoutError
-                    | ReplicaUnavailableError | DeploymentUnavailableError):
-        status = 503
-    else:
-        status = 500
-    if isinstance(exc, SearchError):
-        code, message = exc.code, exc.message
-    elif isinstance(exc, TimeoutError):
-        code, message = "timeout", "the request took longer than its time budget; retry"
-    elif status == 503:
-        code, message = "unavailable", "service busy or a component is down; retry shortly"
-    else:
-        code, message = "internal", "internal error"
-    headers = {"Retry-After": "1"} if status == 503 else None
-    return JSONResponse({"error": {"code": code, "message": message}}, status, headers=headers)
-
-
-@api.exception_handler(SearchError)
-@api.exception_handler(RayActorError)
-@api.exception_handler(BackPressureError)
-@api.exception_handler(ReplicaUnavailableError)
-@api.exception_handler(DeploymentUnavailableError)
-@api.exception_handler(TimeoutError)
-async def _on_error(request: Request, exc: Exception) -> JSONResponse:
-    response = error_response(exc)
-    error = json.loads(response.body)["error"]
-    _log_extra(request, error=f"{error['code']}: {error['message']}"[:500])
-    if response.status_code >= 500:
-        log.warning("request failed: %s %s: %r", request.method, request.url.path, exc)
-    return response
-
-
-@api.exception_handler(StarletteHTTPException)
-async def _on_http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-    code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
-    return JSONResponse({"error": {"code": code, "message": str(exc.detail)}}, exc.status_code,
-                        headers=getattr(exc, "headers", None))
-
-
-@api.exception_handler(RequestValidationError)
-async def _on_validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
-    problems = "; ".join(
-        f"{'.'.join(str(p) for p in e['loc'] if p != 'body') or 'body'}: {e['msg']}"
-        for e in exc.errors()
-    )
-    return JSONResponse({"error": {"code": "invalid_request", "message": problems}}, 422)
-
-
-@api.middleware("http")
-async def _log_request(request: Request, call_next):
-    """One structured log line and metrics per request."""
-    start = time.perf_counter()
-    status = 500
-    try:
-        response = await call_next(request)
-        status = response.status_code
-        return response
-    finally:
-        ms = (time.perf_counter() - start) * 1000
-        route = request.scope.get("route")
-        path = getattr(route, "path", "unmatched")
-        metrics.requests().inc(tags={"route": path, "status": str(status)})
-        metrics.request_latency_ms().observe(ms, tags={"route": path})
-        fields = {"request_id": _request_id(), "method": request.method, "route": path,
-                  "status": status, "duration_ms": round(ms, 2),
-                  **request.scope.get("log_extra", {})}
-        log.info("request %s", json.dumps(fields), extra=fields)
-
-
-def replica_failed(exc: BaseException) -> bool:
-    """Whether an error means a replica died or vanished (worth retrying elsewhere)."""
-    while exc is not None:
-        if isinstance(exc, RayActorError | ReplicaUnavailableError | DeploymentUnavailableError):
-            return True
-        exc = getattr(exc, "cause", None) or exc.__cause__
-    return False
-
-
-def _request_id() -> str:
-    try:
-        return serve.context._get_serve_request_context().request_id
-    except Exception:  # outside a Serve request (tests calling routes directly)
-        return ""
-
-
-def _log_extra(request: Request, **fields: Any) -> None:
-    """Attach search details to the request's log line."""
-    request.scope.setdefault("log_extra", {}).update(fields)
-
-
-def _validation_message(exc: ValidationError) -> str:
-    return "; ".join(
-        f"{'.'.join(str(p) for p in e['loc']) or 'product'}: {e['msg']}" for e in exc.errors()
-    )
-
-
-# Helpers above must be defined before this class: serve.ingress serialises it when decorated.
 @serve.deployment
 @serve.ingress(api)
 class SearchAPI:
@@ -171,10 +55,10 @@ class SearchAPI:
         self.image_encoder = image_encoder
         self.text_encoder = text_encoder
         self.search = search
-        self.demo_status = "disabled"
-        if settings.demo.enabled and settings.demo.size:
-            self.demo_status = "pending"
-            self._demo_task = asyncio.get_running_loop().create_task(self._seed_demo())
+        self.demo = DemoSeeder(settings.demo)
+        if self.demo.status == "pending":
+            self._demo_task = asyncio.get_running_loop().create_task(
+                self.demo.run(search, self._upsert))
 
     # -- search ---------------------------------------------------------------------------
     @api.post("/search/image", response_model=SearchResponse, responses=ERRORS,
@@ -186,28 +70,19 @@ class SearchAPI:
         k: Annotated[int, Query(description="How many results")] = 10,
         explain: Annotated[bool, Query(description="Say why each result ranked")] = False,
     ) -> SearchResponse:
-        start = time.perf_counter()
-        k = self._check_k(k)
-        filters = filters_from_params(request.query_params.multi_items(), {"k", "explain"})
         data = await self._read_image(image)
-        # The vector goes from the encoder straight to the search replica (Serve resolves a
-        # DeploymentResponse passed as an argument), not through this replica.
-        hits = await self._call(lambda: self.search.search_image.remote(
-            self.image_encoder.embed.remote(data), k, filters, explain=explain))
-        _log_extra(request, modality="image", k=k, filters=filters.used(), results=len(hits))
-        return SearchResponse.of(hits, (time.perf_counter() - start) * 1000)
+        return await self._search(request, "image", k, lambda k, filters: self.search.by_image
+                                  .remote(self.image_encoder.embed.remote(data), k, filters,
+                                          explain))
 
     @api.post("/search/text", response_model=SearchResponse, responses=ERRORS,
               summary="Products that match a description")
     async def search_text(self, request: Request, body: TextQuery) -> SearchResponse:
-        start = time.perf_counter()
-        k = self._check_k(body.k)
         text = self._check_text(body.query)
         filters = parse_filters(body.filters)
-        hits = await self._call(lambda: self.search.search_text.remote(
-            self.text_encoder.embed.remote(text), text, k, filters, body.explain))
-        _log_extra(request, modality="text", k=k, filters=filters.used(), results=len(hits))
-        return SearchResponse.of(hits, (time.perf_counter() - start) * 1000)
+        return await self._search(request, "text", body.k, lambda k, _: self.search.by_text
+                                  .remote(self.text_encoder.embed.remote(text), text, k,
+                                          filters, body.explain), filters)
 
     @api.post("/search", response_model=SearchResponse, responses=ERRORS,
               summary="Search by a photo, a description, or both (hybrid)",
@@ -223,29 +98,21 @@ class SearchAPI:
         image_weight: Annotated[float, Query(ge=0, le=1)] = 0.5,
         explain: Annotated[bool, Query()] = False,
     ) -> SearchResponse:
-        start = time.perf_counter()
-        k = self._check_k(k)
-        reserved = {"k", "ranker", "image_weight", "explain"}
-        filters = filters_from_params(request.query_params.multi_items(), reserved)
         data = await self._read_image(image) if image is not None else None
         text = self._check_text(query) if query is not None and query.strip() else None
         if data is None and text is None:
             raise InvalidInput("send an image, a query, or both", code="empty_query")
-        if data is not None and text is not None:
-            hits = await self._call(lambda: self.search.hybrid.remote(
-                self.image_encoder.embed.remote(data), self.text_encoder.embed.remote(text), k,
-                filters, ranker, image_weight))
-            modality = "hybrid"
-        elif data is not None:
-            hits = await self._call(lambda: self.search.search_image.remote(
-                self.image_encoder.embed.remote(data), k, filters, explain=explain))
-            modality = "image"
-        else:
-            hits = await self._call(lambda: self.search.search_text.remote(
-                self.text_encoder.embed.remote(text), text, k, filters, explain))
-            modality = "text"
-        _log_extra(request, modality=modality, k=k, filters=filters.used(), results=len(hits))
-        return SearchResponse.of(hits, (time.perf_counter() - start) * 1000)
+        photo = self.image_encoder.embed.remote if data is not None else None
+        words = self.text_encoder.embed.remote if text is not None else None
+        if photo and words:
+            return await self._search(request, "hybrid", k, lambda k, filters: self.search.hybrid
+                                      .remote(photo(data), words(text), k, filters, ranker,
+                                              image_weight))
+        if photo:
+            return await self._search(request, "image", k, lambda k, filters: self.search
+                                      .by_image.remote(photo(data), k, filters, explain))
+        return await self._search(request, "text", k, lambda k, filters: self.search.by_text
+                                  .remote(words(text), text, k, filters, explain))
 
     # -- catalogue ------------------------------------------------------------------------
     @api.get("/products", response_model=ProductPage, summary="Browse the catalogue")
@@ -270,13 +137,8 @@ class SearchAPI:
         k: Annotated[int, Query(description="How many results")] = 10,
         explain: Annotated[bool, Query(description="Say why each result ranked")] = False,
     ) -> SearchResponse:
-        start = time.perf_counter()
-        k = self._check_k(k)
-        filters = filters_from_params(request.query_params.multi_items(), {"k", "explain"})
-        hits = await self._call(lambda: self.search.similar.remote(product_id, k, filters,
-                                                                   explain))
-        _log_extra(request, modality="similar", k=k, filters=filters.used(), results=len(hits))
-        return SearchResponse.of(hits, (time.perf_counter() - start) * 1000)
+        return await self._search(request, "similar", k, lambda k, filters: self.search.similar
+                                  .remote(product_id, k, filters, explain))
 
     @api.post("/products", response_model=ResultItem, status_code=201, responses=ERRORS,
               summary="Add or replace a product (by id) with its photo")
@@ -289,7 +151,7 @@ class SearchAPI:
         try:
             parsed = Product.model_validate_json(product)
         except ValidationError as exc:
-            raise InvalidInput(_validation_message(exc), code="invalid_product") from None
+            raise http.invalid_body(exc, "invalid_product") from None
         stored = await self._upsert(parsed, await self._read_image(image))
         return ResultItem.of(stored)
 
@@ -335,11 +197,25 @@ class SearchAPI:
             body = {"status": "unavailable", "reason": f"{type(exc).__name__}: {exc}"[:300]}
             return JSONResponse(body, 503, headers={"Retry-After": "1"})
         return JSONResponse({
-            "status": "ok", "products": count, "demo_catalog": self.demo_status,
+            "status": "ok", "products": count, "demo_catalog": self.demo.status,
             "models": {"image_dim": dims[0], "text_dim": dims[1]}, **store,
         })
 
     # -- helpers --------------------------------------------------------------------------
+    async def _search(
+        self, request: Request, modality: str, k: int,
+        run: Callable[[int, Filters], Awaitable[list[Hit]]], filters: Filters | None = None,
+    ) -> SearchResponse:
+        """The skeleton every search route shares: check k, read the filters from the query
+        string (unless given), run the search within the time budget, log, answer."""
+        start = time.perf_counter()
+        k = self._check_k(k)
+        filters = filters if filters is not None else http.query_filters(request)
+        hits = await self._call(lambda: run(k, filters))
+        http.log_extra(request, modality=modality, k=k, filters=filters.used(),
+                       results=len(hits))
+        return SearchResponse.of(hits, (time.perf_counter() - start) * 1000)
+
     async def _upsert(self, product: Product, image: bytes) -> Product:
         """Embed a product's photo and text, then store it (idempotent: upsert by id)."""
         return await self._call(lambda: self.search.upsert.remote(
@@ -347,23 +223,7 @@ class SearchAPI:
             self.text_encoder.embed.remote(product.embedding_text())))
 
     async def _call(self, make: Callable[[], Awaitable[T]], retry: bool = True) -> T:
-        """Await a handle call within the request's time budget; retry it (bounded, with
-        backoff) when a replica died under it, so Serve routes it to a live one."""
-        policy = self.settings.resilience
-        attempt_timeout = policy.attempt_timeout_s if retry else policy.request_timeout_s
-        async with asyncio.timeout(policy.request_timeout_s):
-            for attempt in itertools.count():
-                try:
-                    async with asyncio.timeout(attempt_timeout):
-                        return await make()
-                except Exception as exc:
-                    # A try that timed out is likely stuck on a lost node: try another replica.
-                    stuck = isinstance(exc, TimeoutError)
-                    if not (retry and attempt < policy.retries and (stuck or replica_failed(exc))):
-                        raise
-                    log.warning("retrying after replica failure: %r", exc)
-                    await asyncio.sleep(policy.retry_backoff_s * 2**attempt)
-        raise AssertionError("unreachable")
+        return await resilience.call(make, self.settings.resilience, retry)
 
     async def _read_image(self, upload: UploadFile) -> bytes:
         limit = self.limits.max_upload_bytes
@@ -391,32 +251,3 @@ class SearchAPI:
                 code="query_too_long",
             )
         return text
-
-    async def _seed_demo(self) -> None:
-        """Index the synthetic demo catalogue when the collection is empty."""
-        try:
-            if await self.search.count.remote() > 0:
-                self.demo_status = "skipped (catalogue not empty)"
-                return
-            self.demo_status = "indexing"
-            demo = self.settings.demo
-            csv_path = await asyncio.to_thread(generate_demo_catalog, demo.dir, demo.size)
-            rows = list(csv.DictReader(csv_path.open()))
-            limiter = asyncio.Semaphore(16)
-
-            async def index(row: dict[str, Any]) -> None:
-                async with limiter:
-                    image = (csv_path.parent / row.pop("image")).read_bytes()
-                    extra = {"pattern": row.pop("pattern")}
-                    await self._upsert(Product(**row, attributes=extra), image)
-
-            start = time.perf_counter()
-            await asyncio.gather(*(index(r) for r in rows))
-            await self.search.flush.remote()
-            self.demo_status = "done"
-            log.info("demo catalogue indexed: %d products in %.1f s from %s", len(rows),
-                     time.perf_counter() - start, Path(demo.dir).resolve())
-        except Exception:
-            self.demo_status = "failed"
-            log.exception("indexing the demo catalogue failed")
-

@@ -6,8 +6,8 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
-from deployments.products import Product
-from deployments.store import Hit
+from deployments.core.products import Product
+from deployments.core.store import Hit
 
 
 class TextQuery(BaseModel):

@@ -6,10 +6,10 @@ import os
 from pathlib import Path
 
 import pytest
-from helpers import free_port, wait_healthy
 
-from batch_index.demo import generate_demo_catalog
-from serve_app.settings import AppSettings, ImageModelSettings, TextModelSettings
+from deployments.core.demo import generate_demo_catalog
+from deployments.core.settings import AppSettings, ImageModelSettings, TextModelSettings
+from tests.support import free_port, wait_healthy
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 DATASET = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "fashion-dev"
@@ -22,14 +22,14 @@ def model_cache(tmp_path_factory) -> str:
 
 @pytest.fixture(scope="session")
 def image_encoder(model_cache):
-    from deployments.encoders import ImageEncoder
+    from deployments.core.encoders import ImageEncoder
 
     return ImageEncoder(ImageModelSettings(cache_dir=model_cache), num_threads=2)
 
 
 @pytest.fixture(scope="session")
 def text_encoder():
-    from deployments.encoders import TextEncoder
+    from deployments.core.encoders import TextEncoder
 
     return TextEncoder(TextModelSettings(), num_threads=2)
 

@@ -21,13 +21,13 @@ from ray import serve
 from ray.cluster_utils import Cluster
 
 from batch_index import pipeline
-from batch_index.catalog import read_csv_catalog
-from batch_index.demo import generate_demo_catalog
-from benchmarks.faults import free_port
 from benchmarks.stress import Record, run_load
-from deployments.store import ProductStore
+from deployments.core.catalog import read_csv_catalog
+from deployments.core.demo import generate_demo_catalog
+from deployments.core.settings import AppSettings
+from deployments.core.store import ProductStore
 from serve_app.app import build_app
-from serve_app.settings import AppSettings
+from tests.support import free_port
 
 
 def replica_nodes(app: str, deployment: str) -> list[str]:

@@ -13,9 +13,9 @@ import pytest
 import yaml
 
 from batch_index.__main__ import main
-from batch_index.catalog import parse_mapping, read_csv_catalog, read_folder_catalog
-from batch_index.demo import generate_demo_catalog
-from deployments.store import ProductStore
+from deployments.core.catalog import parse_mapping, read_csv_catalog, read_folder_catalog
+from deployments.core.demo import generate_demo_catalog
+from deployments.core.store import ProductStore
 
 FIELDS = ["id", "title", "category", "subcategory", "article_type", "colour", "gender", "season",
           "usage", "image", "year", "price"]
@@ -117,7 +117,7 @@ def run_job(config: Path, *extra: str) -> dict:
 
 
 def open_job_store(config: Path) -> ProductStore:
-    from serve_app.settings import load_settings
+    from deployments.core.settings import load_settings
 
     return ProductStore(load_settings(config).milvus)
 

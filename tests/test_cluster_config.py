@@ -25,8 +25,8 @@ from urllib.parse import urlparse
 import pytest
 import yaml
 
+from deployments.core.settings import AppSettings
 from serve_app.app import deployment_options
-from serve_app.settings import AppSettings
 
 ROOT = Path(__file__).resolve().parents[1]
 CLUSTER = ROOT / "cluster"

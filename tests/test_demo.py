@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import csv
 
-from batch_index.demo import COLOURS, TYPES, generate_demo_catalog
+from deployments.core.demo import COLOURS, TYPES, generate_demo_catalog
 
 
 def test_demo_catalogue_is_deterministic_and_varied(tmp_path):

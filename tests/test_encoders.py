@@ -7,18 +7,18 @@ import csv
 import numpy as np
 import pytest
 import torch
-from helpers import jpeg_bytes
 from PIL import Image
 
-from deployments.encoders import (
+from deployments.core.encoders import (
     ImageEncoder,
     TextEncoder,
     build_image_model,
     decode_image,
     pad_to_square,
 )
-from deployments.errors import InvalidInput
-from serve_app.settings import ImageModelSettings, TextModelSettings
+from deployments.core.errors import InvalidInput
+from deployments.core.settings import ImageModelSettings, TextModelSettings
+from tests.support import jpeg_bytes
 
 
 def _demo_images(demo_catalog) -> tuple[list[str], list[Image.Image]]:
@@ -122,7 +122,7 @@ def test_text_vectors_do_not_depend_on_batch_company(text_encoder):
 
 
 def test_text_model_from_a_local_folder(tmp_path):
-    from deployments.encoders import default_text_model_path
+    from deployments.core.encoders import default_text_model_path
 
     encoder = TextEncoder(TextModelSettings(model_path=default_text_model_path(), device="cpu"))
     assert encoder.embed(["hello"]).shape == (1, 384)

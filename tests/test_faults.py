@@ -12,11 +12,17 @@ from pathlib import Path
 
 import httpx
 import pytest
-from helpers import jpeg_bytes, wait_healthy
 from PIL import Image
 
-from batch_index.demo import draw_product
-from benchmarks.faults import LiteServer, free_port, kill_replica, replica_actor_names
+from deployments.core.demo import draw_product
+from tests.support import (
+    LiteServer,
+    free_port,
+    jpeg_bytes,
+    kill_replica,
+    replica_actor_names,
+    wait_healthy,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -211,8 +217,9 @@ def test_milvus_outage_fails_fast_then_recovers_without_losing_writes(server_app
 
 def test_logs_and_metrics_show_each_request(service):
     """One structured log line per request (with Serve's request id) and Prometheus metrics."""
-    from conftest import METRICS_PORT
     from ray._private.worker import global_worker
+
+    from tests.conftest import METRICS_PORT
 
     r = httpx.post(f"{service}/search/text", json={"query": "blue cap", "k": 2}, timeout=30)
     request_id = r.headers["x-request-id"]

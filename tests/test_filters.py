@@ -5,11 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from deployments.errors import InvalidInput
-from deployments.filters import filters_from_params, parse_filters
-from deployments.products import Product
-from deployments.store import ProductStore, filter_expression
-from serve_app.settings import MilvusSettings
+from deployments.core.errors import InvalidInput
+from deployments.core.filters import filters_from_params, parse_filters
+from deployments.core.products import Product
+from deployments.core.settings import MilvusSettings
+from deployments.core.store import ProductStore, filter_expression
 
 HOSTILE = ['Red" or colour != "', "Red' or 1==1", 'x"]) or (true', "ünï©ødé 红", "a\\", "or 1==1"]
 

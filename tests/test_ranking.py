@@ -5,21 +5,25 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from deployments.ranking import (
+from deployments.core.colour import (
     COLOUR_DIMS,
-    AttributeVocabulary,
-    Candidate,
-    QuerySignals,
-    Weights,
-    attribute_match,
     colour_descriptor,
     colour_similarity,
     foreground_mask,
-    infer_attributes,
+)
+from deployments.core.query import (
+    AttributeVocabulary,
+    attribute_match,
     parse_query_attributes,
+    singular,
+)
+from deployments.core.ranking import (
+    Candidate,
+    QuerySignals,
+    Weights,
+    infer_attributes,
     query_signals,
     rerank,
-    singular,
 )
 
 WHITE, RED, BLUE, DARK_RED = (250, 250, 250), (200, 30, 30), (30, 60, 200), (150, 20, 25)

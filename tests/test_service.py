@@ -9,9 +9,9 @@ import time
 
 import httpx
 import pytest
-from helpers import jpeg_bytes
 
-from batch_index.demo import draw_product
+from deployments.core.demo import draw_product
+from tests.support import jpeg_bytes
 
 pytestmark = pytest.mark.integration
 
@@ -178,7 +178,7 @@ def test_openapi_documents_the_routes(client):
 
 
 def test_demo_catalogue_matches_its_csv(service, settings_factory, tmp_path):
-    from batch_index.demo import generate_demo_catalog
+    from deployments.core.demo import generate_demo_catalog
 
     rows = list(csv.DictReader(generate_demo_catalog(tmp_path / "d", 48).open()))
     with httpx.Client(base_url=service) as c:

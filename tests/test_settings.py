@@ -8,8 +8,8 @@ import pytest
 import yaml
 from pydantic import ValidationError
 
+from deployments.core.settings import AppSettings, ScalingSettings, load_settings
 from serve_app.app import build_app, deployment_options
-from serve_app.settings import AppSettings, ScalingSettings, load_settings
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
 

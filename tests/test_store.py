@@ -5,10 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from deployments.errors import InvalidInput
-from deployments.products import Product
-from deployments.store import ProductStore, expr_in, literal
-from serve_app.settings import MilvusSettings
+from deployments.core.errors import IncompatibleStore, InvalidInput
+from deployments.core.products import Product
+from deployments.core.settings import MilvusSettings
+from deployments.core.store import ProductStore, expr_in, literal
 
 IMAGE_DIM, TEXT_DIM = 16, 8
 HOSTILE = ['x" or id != "', "it's", "a\\b", 'back\\"slash', "or 1==1", "ünï©ødé 红", "tab\tnl\n"]
@@ -123,7 +123,7 @@ def test_dimension_mismatch_is_explained(milvus):
     first.ensure_collection(IMAGE_DIM, TEXT_DIM)
     first.close()
     second = ProductStore(milvus)
-    with pytest.raises(InvalidInput, match="dims"):
+    with pytest.raises(IncompatibleStore, match="dims"):
         second.ensure_collection(IMAGE_DIM * 2, TEXT_DIM)
     second.close()
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from deployments.errors import InvalidInput, NotFound
+from deployments.core.errors import InvalidInput, NotFound
 
 CONTENT_TYPES = {"JPEG": "image/jpeg", "PNG": "image/png", "WEBP": "image/webp", "GIF": "image/gif"}
 EXTENSIONS = {"image/jpeg": ".jpg", "image/png": ".png", "image/webp": ".webp", "image/gif": ".gif"}

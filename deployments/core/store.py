@@ -27,11 +27,11 @@ from pymilvus import (
     WeightedRanker,
 )
 
-from deployments.errors import BackendUnavailable, InvalidInput
-from deployments.filters import Filters
-from deployments.products import STRING_FIELDS, Product
-from deployments.ranking import COLOUR_DIMS
-from serve_app.settings import MilvusSettings
+from deployments.core.colour import COLOUR_DIMS
+from deployments.core.errors import BackendUnavailable, IncompatibleStore, InvalidInput
+from deployments.core.filters import Filters
+from deployments.core.products import STRING_FIELDS, Product
+from deployments.core.settings import MilvusSettings
 
 log = logging.getLogger(__name__)
 
@@ -190,16 +190,15 @@ class ProductStore:
         fields = self._client.describe_collection(self.collection)["fields"]
         missing = {*SCALAR_FIELDS, COLOUR_FIELD} - {f["name"] for f in fields}
         if missing:
-            raise InvalidInput(
+            raise IncompatibleStore(
                 f"collection {self.collection!r} lacks fields {sorted(missing)} (made by an older "
                 "version): drop it (`python -m batch_index drop`) and index again",
-                code="schema_mismatch",
             )
         dims = {f["name"]: f.get("params", {}).get("dim") for f in fields}
         expected = {"image_vector": image_dim, "text_vector": text_dim}
         for name, dim in expected.items():
             if dims.get(name) is not None and int(dims[name]) != dim:
-                raise InvalidInput(
+                raise IncompatibleStore(
                     f"collection {self.collection!r} has {name} of {dims[name]} dims but the "
                     f"configured model gives {dim}; drop it or use another collection",
                     code="dimension_mismatch",
@@ -240,7 +239,7 @@ class ProductStore:
         if not products:
             return 0
         rows = [
-            {**self._row(p), "image_vector": iv.tolist(), "text_vector": tv.tolist(),
+            {**p.model_dump(), "image_vector": iv.tolist(), "text_vector": tv.tolist(),
              COLOUR_FIELD: cv.tolist()}
             for p, iv, tv, cv in zip(products, image_vectors, text_vectors, colour_vectors,
                                      strict=True)
@@ -248,12 +247,6 @@ class ProductStore:
         with self._write_lock:
             result = self._client.upsert(self.collection, rows, **self._write)
         return int(result.get("upsert_count", len(rows)))
-
-    @staticmethod
-    def _row(product: Product) -> dict[str, Any]:
-        row = product.model_dump()
-        row["title"] = row["title"][: STRING_MAX["title"]]
-        return row
 
     @_backend_errors
     def flush(self) -> None:

@@ -12,7 +12,8 @@ from pathlib import Path
 import pandas as pd
 from pydantic import ValidationError
 
-from deployments.products import STRING_FIELDS, Product
+from deployments.core.errors import validation_message
+from deployments.core.products import STRING_FIELDS, Product
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".gif"}
 PRODUCT_COLUMNS = {"id", "title", "price", "image", *STRING_FIELDS}
@@ -109,7 +110,7 @@ def _product(product_id: str, record: dict[str, str]) -> Product:
 
 def _reason(exc: Exception) -> str:
     if isinstance(exc, ValidationError):
-        return "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+        return validation_message(exc.errors())
     return str(exc)
 
 

@@ -18,9 +18,9 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
-from deployments.errors import InvalidInput
-from deployments.ranking import colour_descriptor
-from serve_app.settings import ImageModelSettings, TextModelSettings
+from deployments.core.colour import colour_descriptor
+from deployments.core.errors import InvalidInput
+from deployments.core.settings import ImageModelSettings, TextModelSettings
 
 log = logging.getLogger(__name__)
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -145,7 +145,7 @@ class ImagePreprocessor:
 @dataclass
 class ImageFeatures:
     """What the image encoder gives for one photo: the model's L2-normalised vector and the
-    product's colour descriptor (deployments.ranking), both from the same model pixels."""
+    product's colour descriptor (deployments.core.ranking), both from the same model pixels."""
 
     vector: np.ndarray
     colour: np.ndarray

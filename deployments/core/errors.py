@@ -35,3 +35,23 @@ class BackendUnavailable(SearchError):
     """Milvus or a replica is down or too slow; retry later. HTTP 503."""
 
     code = "backend_unavailable"
+
+
+class IncompatibleStore(SearchError):
+    """The collection was made by another schema or model than the service runs with: rebuild
+    it (the message names the command). Raised at start-up; HTTP 503 if it reaches a route."""
+
+    code = "incompatible_store"
+
+
+def validation_message(errors: list[dict], unknown: str = "unknown field") -> str:
+    """One readable line from pydantic's `ValidationError.errors()`: `where: what` per problem,
+    joined by "; " (`unknown` names a field the model does not have)."""
+    parts = []
+    for error in errors:
+        where = ".".join(str(p) for p in error["loc"] if p != "body") or "body"
+        if error["type"] == "extra_forbidden":
+            parts.append(f"{unknown} {where!r}")
+        else:
+            parts.append(f"{where}: {error['msg']}")
+    return "; ".join(parts)

@@ -1,8 +1,9 @@
-"""Fault injection on real parts, shared by the stress benchmark and the fault tests:
-a Milvus server process that can be stopped and restarted, and killing a Serve replica."""
+"""Test support on real parts, also used by the benchmarks: a Milvus Lite server process that can be
+stopped and restarted, killing a Serve replica, free ports, polling /healthz, photo bytes."""
 
 from __future__ import annotations
 
+import io
 import signal
 import socket
 import subprocess
@@ -12,6 +13,7 @@ from pathlib import Path
 
 import httpx
 import ray
+from PIL import Image
 
 
 class LiteServer:
@@ -95,3 +97,10 @@ def wait_healthy(url: str, products: int = 0, timeout: float = 180) -> dict:
             last = repr(exc)
         time.sleep(0.5)
     raise TimeoutError(f"service not healthy in {timeout}s: {last}")
+
+
+def jpeg_bytes(image: Image.Image, quality: int = 90) -> bytes:
+    """Encode an image as JPEG bytes."""
+    buf = io.BytesIO()
+    image.convert("RGB").save(buf, "JPEG", quality=quality)
+    return buf.getvalue()

@@ -14,8 +14,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from deployments.errors import InvalidInput
-from deployments.products import STRING_FIELDS
+from deployments.core.errors import InvalidInput, validation_message
+from deployments.core.products import STRING_FIELDS
 
 ATTRIBUTE_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
 MAX_VALUES = 50
@@ -82,7 +82,8 @@ def parse_filters(data: dict[str, Any] | None) -> Filters:
     try:
         filters = Filters.model_validate(data or {})
     except ValidationError as exc:
-        raise InvalidInput(_message(exc), code="invalid_filter") from None
+        raise InvalidInput(validation_message(exc.errors(), "unknown filter"),
+                           code="invalid_filter") from None
     if (filters.price_min is not None and filters.price_max is not None
             and filters.price_min > filters.price_max):
         raise InvalidInput("price_min must be <= price_max", code="invalid_filter")
@@ -119,13 +120,3 @@ def _scalars(value: str) -> list[Scalar]:
         return [value]
     return [value, number] if math.isfinite(number) else [value]
 
-
-def _message(exc: ValidationError) -> str:
-    parts = []
-    for error in exc.errors():
-        where = ".".join(str(p) for p in error["loc"]) or "filters"
-        if error["type"] == "extra_forbidden":
-            parts.append(f"unknown filter {where!r}")
-        else:
-            parts.append(f"filter {where}: {error['msg']}")
-    return "; ".join(parts)

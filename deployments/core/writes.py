@@ -10,9 +10,9 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from deployments.media import MediaStore
-from deployments.products import Product, image_hash
-from deployments.store import ProductStore
+from deployments.core.media import MediaStore
+from deployments.core.products import Product, image_hash
+from deployments.core.store import ProductStore
 
 
 def stamp(product: Product, image: bytes) -> Product:

@@ -18,7 +18,7 @@ from pydantic import BaseModel, Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 Device = Literal["auto", "cpu", "cuda"]
-DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "config.yaml"
+DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "config.yaml"
 
 
 class ImageModelSettings(BaseModel):
@@ -122,7 +122,7 @@ class ResilienceSettings(BaseModel):
 
 
 class RankingSettings(BaseModel):
-    """Attribute-aware ranking (deployments.ranking); benchmarks/RESULTS.md has the figures."""
+    """Attribute-aware ranking (deployments.core.ranking); benchmarks/RESULTS.md has the figures."""
 
     enabled: bool = True
     candidates: int = Field(200, ge=1, le=2000, description="vector hits re-ranked per query")

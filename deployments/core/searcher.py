@@ -1,0 +1,255 @@
+"""Search logic over one catalogue: the store plus ranking, text-query parsing, duplicate handling,
+the attribute vocabulary and flush batching. Ray-free: the ProductSearch deployment wraps one
+`Searcher`, and unit tests drive it with a small store.
+
+Every method is synchronous and may block on Milvus; callers in an event loop run it in a thread.
+Errors: `NotFound` for unknown ids, `InvalidInput` for bad filters, `BackendUnavailable` when
+Milvus fails (from the store).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from deployments.core.encoders import ImageFeatures
+from deployments.core.errors import NotFound
+from deployments.core.filters import Filters
+from deployments.core.media import MediaStore
+from deployments.core.products import STRING_FIELDS, Product
+from deployments.core.query import AttributeVocabulary
+from deployments.core.ranking import Candidate, Weights, query_signals, rerank
+from deployments.core.settings import RankingSettings
+from deployments.core.store import Hit, ProductStore, VectorField, filter_expression, literal
+from deployments.core.writes import write_products
+
+log = logging.getLogger(__name__)
+FLUSH_EVERY_ROWS = 1000  # Milvus Lite searches unflushed rows by brute force (store.flush)
+MAX_VALUES = 1000  # values per field kept in the vocabulary (most common first)
+
+
+@dataclass(frozen=True)
+class VocabularySnapshot:
+    """The catalogue's attribute values at one moment: counts per field, the text-query parser
+    built from them, and each field's lower-cased value -> catalogue spelling (for filters)."""
+
+    counts: dict[str, dict[str, int]]
+    parser: AttributeVocabulary
+    spelling: dict[str, dict[str, str]]
+
+    @classmethod
+    def of(cls, counts: dict[str, dict[str, int]]) -> VocabularySnapshot:
+        """Build from value counts."""
+        spelling = {name: {str(v).lower(): v for v in values if isinstance(v, str)}
+                    for name, values in counts.items()}
+        return cls(counts, AttributeVocabulary(counts), spelling)
+
+
+class Vocabulary:
+    """Attribute values of the catalogue, kept current without scanning on a request: a full
+    scan at start and in `refresh` (the deployment runs it in the background after writes), and
+    new values added at once on every write so a just-written colour is searchable."""
+
+    def __init__(self, store: ProductStore) -> None:
+        self.store = store
+        self.stale = False
+        self._lock = threading.Lock()
+        self.snapshot = VocabularySnapshot.of({})
+
+    def refresh(self) -> None:
+        """Recount every value with one scan of the collection."""
+        with self._lock:
+            self.stale = False
+        self.snapshot = VocabularySnapshot.of(self.store.attribute_counts(MAX_VALUES))
+
+    def add(self, products: Sequence[Product]) -> None:
+        """Count the values of written products now; exact counts follow on `refresh`."""
+        with self._lock:
+            counts = {name: dict(values) for name, values in self.snapshot.counts.items()}
+            for product in products:
+                for name, value in _values(product):
+                    field = counts.setdefault(name, {})
+                    field[value] = field.get(value, 0) + 1
+            self.snapshot = VocabularySnapshot.of(counts)
+            self.stale = True
+
+    def mark_stale(self) -> None:
+        """Products were removed: counts are due a refresh."""
+        self.stale = True
+
+
+def _values(product: Product) -> list[tuple[str, Any]]:
+    pairs: list[tuple[str, Any]] = [(f, getattr(product, f)) for f in STRING_FIELDS
+                                    if getattr(product, f)]
+    pairs += [(k, v) for k, v in product.attributes.items()
+              if isinstance(v, str | int | float | bool)]
+    return pairs
+
+
+class Searcher:
+    """Vector search, re-ranking and product CRUD over one store and photo store."""
+
+    def __init__(self, store: ProductStore, media: MediaStore,
+                 ranking: RankingSettings | None = None) -> None:
+        self.store = store
+        self.media = media
+        self.ranking = ranking or RankingSettings()
+        self.weights = Weights(colour=self.ranking.colour_weight,
+                               article_type=self.ranking.article_type_weight,
+                               colour_label=self.ranking.colour_label_weight)
+        self.vocabulary = Vocabulary(store)
+        self._unflushed = 0
+        self._flush_lock = threading.Lock()
+
+    def start(self, image_dim: int, text_dim: int) -> None:
+        """Open (or create) the collection for these vector dims, seal rows an earlier run left
+        unflushed, and read the vocabulary once."""
+        self.store.ensure_collection(image_dim, text_dim)
+        self.store.flush()
+        self.vocabulary.refresh()
+
+    # -- searches ------------------------------------------------------------------------
+    def nearest(self, field: VectorField, vector: np.ndarray, k: int,
+                filters: Filters | None = None, exclude_ids: Sequence[str] = (),
+                extra_filter: str = "") -> list[Hit]:
+        """Top-k products by raw cosine of the `field` vector ((dim,) float32, L2-normalised),
+        best first, within the filters."""
+        return self.store.search(vector, field, k, self.expression(filters, extra_filter),
+                                 exclude_ids)
+
+    def by_image(self, features: ImageFeatures, k: int, filters: Filters | None = None,
+                 exclude_ids: Sequence[str] = (), extra_filter: str = "",
+                 explain: bool = False) -> list[Hit]:
+        """Products that look like a photo: the nearest `ranking.candidates` by image vector,
+        re-ranked by colour similarity and the article type and colour inferred from them."""
+        if not self.ranking.enabled:
+            return self.nearest("image", features.vector, k, filters, exclude_ids, extra_filter)
+        pool = self.store.search(features.vector, "image", max(k, self.ranking.candidates),
+                                 self.expression(filters, extra_filter), exclude_ids, True)
+        return rerank_hits(pool, features.colour, k, self.weights, explain)
+
+    def by_text(self, vector: np.ndarray, text: str, k: int, filters: Filters | None = None,
+                explain: bool = False) -> list[Hit]:
+        """Products that match a description (`vector`: its (dim,) float32 text embedding).
+        Attribute words of the catalogue's own vocabulary ("black", "casual shoes", "men")
+        become filters unless the shopper set that field; if they leave fewer than k products,
+        the rest come from the search without them."""
+        filters = filters or Filters()
+        parsed = (self.vocabulary.snapshot.parser.parse(text)
+                  if self.ranking.text_attributes else None)
+        extra = {f: v for f, v in (parsed.filters if parsed else {}).items()
+                 if not getattr(filters, f)}
+        if not extra:
+            return self.nearest("text", vector, k, filters)
+        hits = self.nearest("text", vector, k, filters.model_copy(update=extra))
+        if len(hits) < k:  # top up from the search without the recognised words
+            seen = tuple(h.product.id for h in hits)
+            hits += self.nearest("text", vector, k - len(hits), filters, seen)
+        if explain:
+            for hit in hits:
+                hit.signals = {"text": hit.score, "recognised": {
+                    f: v for f, v in extra.items() if getattr(hit.product, f) in v}}
+        return hits
+
+    def hybrid(self, features: ImageFeatures, text_vector: np.ndarray, k: int,
+               filters: Filters | None = None, ranker: str = "rrf",
+               image_weight: float = 0.5) -> list[Hit]:
+        """Top-k products by photo and text similarity fused by Milvus hybrid search (RRF or
+        weighted): the one fusion of photo + description, for the API and the page."""
+        return self.store.hybrid_search(features.vector, text_vector, k,
+                                        self.expression(filters), ranker, image_weight)
+
+    def similar(self, product_id: str, k: int, filters: Filters | None = None,
+                explain: bool = False) -> list[Hit]:
+        """Products that look like a stored one (its stored vectors, no re-embedding); itself
+        and copies of its photo (same image hash) left out."""
+        product = self.get(product_id)
+        vectors = self.store.get_vectors(product_id)
+        if vectors is None:
+            raise NotFound(f"no product with id {product_id!r}")
+        duplicates = f"image_hash != {literal(product.image_hash)}" if product.image_hash else ""
+        colour = vectors["colour"] if vectors["colour"].any() else None
+        return self.by_image(ImageFeatures(vectors["image"], colour), k, filters,
+                             (product_id,), duplicates, explain)
+
+    def expression(self, filters: Filters | None, extra: str = "") -> str:
+        """The Milvus filter for `filters` (values in the catalogue's spelling, escaped) and an
+        extra clause of our own."""
+        clauses = [extra] if extra else []
+        if filters is not None and not filters.is_empty():
+            clauses.append(filter_expression(filters, self.vocabulary.snapshot.spelling))
+        return " and ".join(f"({c})" for c in clauses)
+
+    # -- catalogue -----------------------------------------------------------------------
+    def attributes(self) -> dict[str, dict[str, int]]:
+        """Each filterable field's values with counts (as of the last vocabulary refresh, plus
+        values written since)."""
+        return self.vocabulary.snapshot.counts
+
+    def get(self, product_id: str) -> Product:
+        """One product; NotFound if absent."""
+        found = self.store.get([product_id])
+        if not found:
+            raise NotFound(f"no product with id {product_id!r}")
+        return found[0]
+
+    def browse(self, limit: int, offset: int) -> tuple[list[Product], int]:
+        """A page of products (storage order) and the catalogue size."""
+        return self.store.list(limit, offset), self.store.count()
+
+    def image(self, product_id: str) -> tuple[bytes, str]:
+        """The stored photo of a product and its MIME type; NotFound if absent."""
+        return self.media.get(self.get(product_id).image_ref)
+
+    def upsert(self, products: Sequence[Product], images: Sequence[bytes],
+               image_vectors: np.ndarray, text_vectors: np.ndarray,
+               colour_vectors: np.ndarray | None = None) -> list[Product]:
+        """Insert-or-replace products by id with their photos and vectors ((n, dim) float32,
+        L2-normalised; colour (n, COLOUR_DIMS) float32). Seals the segment every
+        FLUSH_EVERY_ROWS rows. Returns the products as stored."""
+        stored = write_products(self.store, self.media, products, images, image_vectors,
+                                text_vectors, colour_vectors)
+        self.vocabulary.add(stored)
+        with self._flush_lock:
+            self._unflushed += len(stored)
+            due = self._unflushed >= FLUSH_EVERY_ROWS
+        if due:
+            self.flush()
+        return stored
+
+    def flush(self) -> None:
+        """Seal written rows into indexed segments (bulk writers call this when done)."""
+        with self._flush_lock:
+            self._unflushed = 0
+        self.store.flush()
+
+    def delete(self, product_id: str) -> None:
+        """Delete one product; NotFound if absent."""
+        if not self.store.delete([product_id]):
+            raise NotFound(f"no product with id {product_id!r}")
+        self.vocabulary.mark_stale()
+
+
+def rerank_hits(pool: list[Hit], colour: np.ndarray | None, k: int, weights: Weights,
+                explain: bool) -> list[Hit]:
+    """The k best of a pool of vector hits by the ranking signals (deployments.core.ranking);
+    each keeps its visual cosine as `score`, with per-signal scores when `explain`."""
+    candidates = [Candidate(h.product.id, h.score, {"article_type": h.product.article_type,
+                                                     "colour": h.product.colour}, h.colour, h)
+                  for h in pool]
+    query = query_signals(candidates, colour)
+    hits = []
+    for candidate, signals in rerank(candidates, query, weights)[:k]:
+        hit = Hit(candidate.item.product, candidate.item.score)
+        if explain:
+            hit.signals = {**signals, "inferred": {
+                field: max(probs, key=probs.get) for field, probs in query.attributes.items()
+                if probs}}
+        hits.append(hit)
+    return hits
+
