@@ -1,10 +1,12 @@
 """The Ray Data graph that embeds a catalogue, and the writers that store the result.
 
-    rows -> [tasks]  read photo, hash, skip unchanged, decode + resize (ImagePreprocessor)
+    rows -> [tasks]  read photo (the only read), stamp hash + fingerprint, skip unchanged,
+                     decode + resize (ImagePreprocessor), product text to embed
          -> [actors] image vectors (encoders.ImageEncoder, batched)
          -> [actors] text vectors  (encoders.TextEncoder, batched)
-         -> driver   writes batches: directly to Milvus, or through the running service's
-                     ProductSearch deployment when it owns a Milvus Lite store.
+         -> driver   writes batches (products, the photo bytes read by the task, vectors):
+                     directly to Milvus, or through the running service's ProductSearch
+                     deployment when it owns a Milvus Lite store.
 
 The encoders are the same classes the Serve deployments use, so online and offline vectors match.
 """
@@ -93,30 +95,37 @@ def _known(ref_box: list) -> dict[str, str]:
 
 def load_images(batch: dict[str, np.ndarray], *, preprocessor: encoders.ImagePreprocessor,
                 known_box: list, force: bool) -> dict[str, np.ndarray]:
-    """Read, hash and decode each row's photo; mark unchanged and unreadable rows."""
+    """Read, hash and decode each row's photo; mark unchanged and unreadable rows. The one
+    place a photo is read and the product JSON parsed: rows to write carry the stamped product
+    JSON, the photo bytes (`photo`) and the text to embed (`text`) on to the writer."""
     known = _known(known_box)
     out: dict[str, list[Any]] = {"id": [], "product_json": [], "status": [], "reason": [],
-                                 "pixels": [], "row": []}
+                                 "pixels": [], "photo": [], "text": [], "row": []}
     for i, product_id in enumerate(batch["id"]):
         status, reason, pixels, product_json = OK, "", b"", batch["product_json"][i]
+        data, text = b"", ""
         try:
             data = Path(batch["image_path"][i]).read_bytes()
             product = stamp(Product.model_validate_json(product_json), data)
             product_json = product.model_dump_json()
             if not force and known.get(product_id) == product.fingerprint:
-                status = UNCHANGED
+                status, data = UNCHANGED, b""
             else:
                 image = encoders.decode_image(data)
                 pixels = preprocessor.model_pixels(image).tobytes()
+                text = product.embedding_text()
         except FileNotFoundError:
             status, reason = REJECTED, f"image file not found: {batch['image_path'][i]}"
         except (OSError, InvalidInput) as exc:
             status, reason = REJECTED, getattr(exc, "message", None) or f"unreadable image: {exc}"
+        if status == REJECTED:
+            data = b""
         for key, value in (("id", product_id), ("product_json", product_json),
                            ("status", status), ("reason", reason), ("pixels", pixels),
-                           ("row", batch["row"][i])):
+                           ("photo", data), ("text", text), ("row", batch["row"][i])):
             out[key].append(value)
-    return {k: np.asarray(v, dtype=object) if k == "pixels" else np.asarray(v)
+    # Bytes stay objects: a fixed-width bytes array would drop trailing NUL bytes.
+    return {k: np.asarray(v, dtype=object) if k in ("pixels", "photo") else np.asarray(v)
             for k, v in out.items()}
 
 
@@ -155,9 +164,7 @@ class TextEmbedder:
         ok = batch["status"] == OK
         vectors = np.zeros((len(ok), self.encoder.dim), dtype=np.float32)
         if ok.any():
-            texts = [Product.model_validate_json(j).embedding_text()
-                     for j in batch["product_json"][ok]]
-            vectors[ok] = self.encoder.embed(texts)
+            vectors[ok] = self.encoder.embed([str(t) for t in batch["text"][ok]])
         return {**batch, "text_vector": vectors}
 
 
@@ -195,7 +202,7 @@ class DirectWriter:
 
     def __call__(self, products, images, image_vectors, text_vectors, colour_vectors) -> None:
         write_products(self.store, self.media, products, images, image_vectors, text_vectors,
-                       colour_vectors)
+                       colour_vectors, stamped=True)
 
     def finish(self) -> None:
         """Seal what was written so searches use the index."""
@@ -233,7 +240,6 @@ def run_index(rows: list[CatalogRow], rejects: list[Reject], settings: AppSettin
     """Embed and write every changed row; count what happened."""
     start = time.perf_counter()
     summary = Summary(total=len(rows) + len(rejects), rejects=list(rejects))
-    paths = {r.id: r.image_path for r in rows}
     if rows:
         dataset = build_dataset(rows, settings, known, options)
         with ThreadPoolExecutor(max(1, options.writers)) as pool, \
@@ -244,7 +250,7 @@ def run_index(rows: list[CatalogRow], rejects: list[Reject], settings: AppSettin
                 ok = batch["status"] == OK
                 if ok.any():
                     products = [Product.model_validate_json(j) for j in batch["product_json"][ok]]
-                    images = [Path(paths[p.id]).read_bytes() for p in products]
+                    images = list(batch["photo"][ok])  # read (and hashed) by the task
                     pending.append(pool.submit(
                         writer, products, images, batch["image_vector"][ok],
                         batch["text_vector"][ok], batch["colour_vector"][ok]))

@@ -22,11 +22,9 @@ import threading
 import time
 from pathlib import Path
 
-import numpy as np
 import psutil
 
-DEFAULT_DATASET = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "fashion-dev"
-OUT = Path(__file__).resolve().parent / "out"
+from benchmarks.common import DATASET, OUT, CatalogueEmbedder, read_catalogue
 
 
 def _settings(work: Path, backend: str = "auto"):
@@ -42,28 +40,20 @@ def _settings(work: Path, backend: str = "auto"):
 
 def run_naive(dataset: Path, work: Path, rows: int, backend: str) -> dict:
     """One photo at a time: decode, embed, embed its text, insert it."""
-    from deployments.core.catalog import read_csv_catalog
-    from deployments.core.encoders import ImageEncoder, TextEncoder, decode_image
     from deployments.core.media import MediaStore
-    from deployments.core.products import Product
     from deployments.core.store import ProductStore
     from deployments.core.writes import write_products
 
     settings = _settings(work, backend)
-    catalog, _ = read_csv_catalog(dataset / "products.csv")
-    image_encoder = ImageEncoder(settings.image_model, num_threads=2)
-    text_encoder = TextEncoder(settings.text_model, num_threads=2)
+    products, paths = read_catalogue(dataset / "products.csv")
+    embedder = CatalogueEmbedder(settings, threads=2)
     store, media = ProductStore(settings.milvus), MediaStore(settings.media_dir)
-    store.ensure_collection(image_encoder.dim, text_encoder.dim)
+    store.ensure_collection(*embedder.dims)
     start = time.perf_counter()
-    for row in catalog[:rows]:
-        product = Product.model_validate_json(row.product_json)
-        photo = Path(row.image_path).read_bytes()
-        pixels = image_encoder.preprocessor.model_pixels(decode_image(photo))[None]
-        features = image_encoder.features_pixels(pixels)[0]
-        text = text_encoder.embed([product.embedding_text()])
-        write_products(store, media, [product], [photo], features.vector[None], text,
-                       features.colour[None])
+    for product, path in zip(products[:rows], paths[:rows], strict=True):
+        photo = Path(path).read_bytes()
+        v = embedder.embed([product], [photo])
+        write_products(store, media, [product], [photo], v.image, v.text, v.colour)
     wall = time.perf_counter() - start
     store.close()
     return {"rows": rows, "wall_s": wall, "images_per_s": rows / wall}
@@ -71,34 +61,26 @@ def run_naive(dataset: Path, work: Path, rows: int, backend: str) -> dict:
 
 def run_ceiling(dataset: Path, work: Path, rows: int | None, batch: int = 32) -> dict:
     """The same encoders, batched, in one process: the most one process gets from the CPUs."""
-    from deployments.core.catalog import read_csv_catalog
-    from deployments.core.encoders import ImageEncoder, TextEncoder, decode_image
     from deployments.core.media import MediaStore
-    from deployments.core.products import Product
     from deployments.core.store import ProductStore
     from deployments.core.writes import write_products
 
     settings = _settings(work)
-    catalog, _ = read_csv_catalog(dataset / "products.csv")
-    catalog = catalog[:rows] if rows else catalog
-    image_encoder = ImageEncoder(settings.image_model, num_threads=2)
-    text_encoder = TextEncoder(settings.text_model, num_threads=2)
+    products, paths = read_catalogue(dataset / "products.csv")
+    if rows:
+        products, paths = products[:rows], paths[:rows]
+    embedder = CatalogueEmbedder(settings, threads=2)
     store, media = ProductStore(settings.milvus), MediaStore(settings.media_dir)
-    store.ensure_collection(image_encoder.dim, text_encoder.dim)
-    prep = image_encoder.preprocessor
+    store.ensure_collection(*embedder.dims)
     start = time.perf_counter()
-    for i in range(0, len(catalog), batch):
-        chunk = catalog[i: i + batch]
-        products = [Product.model_validate_json(r.product_json) for r in chunk]
-        photos = [Path(r.image_path).read_bytes() for r in chunk]
-        pixels = np.stack([prep.model_pixels(decode_image(p)) for p in photos])
-        features = image_encoder.features_pixels(pixels)
-        texts = text_encoder.embed([p.embedding_text() for p in products])
-        write_products(store, media, products, photos, np.stack([f.vector for f in features]),
-                       texts, np.stack([f.colour for f in features]))
+    for i in range(0, len(products), batch):
+        chunk = products[i: i + batch]
+        photos = [Path(p).read_bytes() for p in paths[i: i + batch]]
+        v = embedder.embed(chunk, photos)
+        write_products(store, media, chunk, photos, v.image, v.text, v.colour)
     wall = time.perf_counter() - start
     store.close()
-    return {"rows": len(catalog), "wall_s": wall, "images_per_s": len(catalog) / wall}
+    return {"rows": len(products), "wall_s": wall, "images_per_s": len(products) / wall}
 
 
 def run_ray_job(dataset: Path, work: Path, rows: int | None) -> dict:
@@ -162,7 +144,7 @@ def child(args: argparse.Namespace) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--dataset", type=Path, default=DEFAULT_DATASET)
+    parser.add_argument("--dataset", type=Path, default=DATASET)
     parser.add_argument("--naive-rows", type=int, default=400)
     parser.add_argument("--rows", type=int, help="rows for the ceiling and Ray modes (all)")
     parser.add_argument("--modes", default="naive-torch,naive-onnx,ceiling,ray-data")

@@ -28,8 +28,8 @@ from pathlib import Path
 
 import numpy as np
 
-DEFAULT_DATASET = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "fashion-dev"
-OUT = Path(__file__).resolve().parent / "out"
+from benchmarks.common import DATASET, OUT, CatalogueEmbedder, read_catalogue
+
 LABELS = ("article_type", "colour")
 
 
@@ -49,14 +49,9 @@ class Catalogue:
 def load_catalogue(dataset: Path) -> Catalogue:
     """Read `products.csv` with the project's reader; group identical photos by content hash
     (and by a `dup_group` column where the catalogue has one)."""
-    from deployments.core.catalog import read_csv_catalog
-    from deployments.core.products import Product
-
-    rows, _ = read_csv_catalog(dataset / "products.csv")
-    products = [Product.model_validate_json(r.product_json) for r in rows]
-    paths = [r.image_path for r in rows]
+    products, paths = read_catalogue(dataset / "products.csv")
     keys: dict[str, int] = {}
-    groups = np.zeros(len(rows), dtype=np.int64)
+    groups = np.zeros(len(products), dtype=np.int64)
     for i, (product, path) in enumerate(zip(products, paths, strict=True)):
         digest = hashlib.sha256(Path(path).read_bytes()).hexdigest()
         names = [f"sha:{digest}"]
@@ -80,20 +75,10 @@ def _cache_key(settings, catalogue: Catalogue) -> str:
     return digest.hexdigest()[:16]
 
 
-def _pixel_batches(paths: list[str], prep, batch: int):
-    """The model's 224x224 input pixels of every photo, in batches."""
-    from deployments.core.encoders import decode_image
-
-    for i in range(0, len(paths), batch):
-        yield i, np.stack([prep.model_pixels(decode_image(Path(p).read_bytes()))
-                           for p in paths[i: i + batch]])
-
-
 def embed_catalogue(catalogue: Catalogue, batch: int = 32) -> dict[str, np.ndarray]:
     """Image vectors, text vectors and colour descriptors of every product, computed with the
-    configured encoders and deployments.core.ranking, cached in benchmarks/out/."""
+    configured encoders (benchmarks.common.CatalogueEmbedder), cached in benchmarks/out/."""
     from deployments.core import colour as ranking_colour
-    from deployments.core.encoders import ImageEncoder, ImagePreprocessor, TextEncoder
     from deployments.core.settings import load_settings
 
     settings = load_settings()
@@ -111,24 +96,13 @@ def embed_catalogue(catalogue: Catalogue, batch: int = 32) -> dict[str, np.ndarr
         return result
     start = time.perf_counter()
     need_vectors = "image" not in result
-    if need_vectors:
-        image_encoder = ImageEncoder(settings.image_model, num_threads=2)
-        text_encoder = TextEncoder(settings.text_model, num_threads=2)
-        prep = image_encoder.preprocessor
-    else:
-        prep = ImagePreprocessor.for_settings(settings.image_model)
-    images, texts, colours = [], [], []
-    for i, pixels in _pixel_batches(catalogue.paths, prep, batch):
-        colours.extend(ranking_colour.colour_descriptor(px) for px in pixels)
-        if need_vectors:
-            images.append(image_encoder.embed_pixels(pixels))
-            texts.append(text_encoder.embed([p.embedding_text()
-                                             for p in catalogue.products[i: i + batch]]))
+    embedder = CatalogueEmbedder(settings, threads=2, vectors=need_vectors)
+    embedded = embedder.embed_files(catalogue.products, catalogue.paths, batch)
     OUT.mkdir(exist_ok=True)
-    result["colour"] = np.stack(colours).astype(np.float32)
+    result["colour"] = embedded.colour
     np.save(colours_path, result["colour"])
     if need_vectors:
-        result.update(image=np.concatenate(images), text=np.concatenate(texts))
+        result.update(image=embedded.image, text=embedded.text)
         np.savez(vectors_path, image=result["image"], text=result["text"])
     print(f"vectors: computed for {len(catalogue.paths)} products in "
           f"{time.perf_counter() - start:.0f} s")
@@ -365,17 +339,9 @@ def text_report(catalogue: Catalogue, vectors: dict, args: argparse.Namespace) -
 
 # -- (c) ANN recall ---------------------------------------------------------------------------
 def _search_many(store, vectors: np.ndarray, field: str, k: int) -> list[list[str]]:
-    """Top-k ids per query vector, in one batched call with the store's own search parameters
-    (ProductStore.search takes one vector; Milvus Lite adds ~0.7 s per call here)."""
-    from deployments.core.store import VECTOR_FIELDS
-
-    hits = store._client.search(
-        store.collection, data=vectors.astype(np.float32).tolist(),
-        anns_field=VECTOR_FIELDS[field], limit=k, output_fields=["id"],
-        search_params={"metric_type": store.settings.metric,
-                       "params": store.settings.search_params},
-    )
-    return [[h["entity"]["id"] for h in row] for row in hits]
+    """Top-k ids per query vector, in one batched call (ProductStore.search_batch, with the
+    store's own search parameters)."""
+    return [[h.product.id for h in row] for row in store.search_batch(vectors, field, k)]
 
 
 def _filled_store(settings, catalogue: Catalogue, vectors: dict):
@@ -389,7 +355,7 @@ def _filled_store(settings, catalogue: Catalogue, vectors: dict):
     for i in range(0, len(catalogue.products), 1000):
         store.upsert(catalogue.products[i: i + 1000], vectors["image"][i: i + 1000],
                      vectors["text"][i: i + 1000])
-    store._client.flush(store.collection)  # ProductStore has no flush of its own
+    store.flush()
     return store
 
 
@@ -510,7 +476,7 @@ def print_report(report: dict) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--dataset", type=Path, default=DEFAULT_DATASET)
+    parser.add_argument("--dataset", type=Path, default=DATASET)
     parser.add_argument("--candidates", type=int, default=200, help="re-ranking pool")
     parser.add_argument("--min-support", type=int, default=3)
     parser.add_argument("--text-queries", type=int, default=200, help="per template")

@@ -22,15 +22,11 @@ from pathlib import Path
 import numpy as np
 import psutil
 
-from deployments.core.catalog import read_csv_catalog
+from benchmarks.common import DATASET, OUT, CatalogueEmbedder, read_catalogue
 from deployments.core.demo import generate_demo_catalog
-from deployments.core.encoders import ImageEncoder, TextEncoder, decode_image
 from deployments.core.products import Product
 from deployments.core.settings import load_settings
 from deployments.core.store import ProductStore
-
-DATASET = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "fashion-dev"
-OUT = Path(__file__).resolve().parent / "out"
 
 
 def seed_vectors(limit: int) -> tuple[np.ndarray, np.ndarray]:
@@ -40,22 +36,11 @@ def seed_vectors(limit: int) -> tuple[np.ndarray, np.ndarray]:
         data = np.load(cache)
         return data["image"], data["text"]
     if (DATASET / "products.csv").exists():
-        rows, _ = read_csv_catalog(DATASET / "products.csv")
+        products, paths = read_catalogue(DATASET / "products.csv")
     else:
-        rows, _ = read_csv_catalog(generate_demo_catalog(Path(tempfile.mkdtemp()), 240))
-    rows = rows[:limit]
-    settings = load_settings()
-    image_encoder = ImageEncoder(settings.image_model, num_threads=2)
-    text_encoder = TextEncoder(settings.text_model, num_threads=2)
-    images, texts = [], []
-    for i in range(0, len(rows), 64):
-        chunk = rows[i:i + 64]
-        pixels = np.stack([image_encoder.preprocessor.model_pixels(
-            decode_image(Path(r.image_path).read_bytes())) for r in chunk])
-        images.append(image_encoder.embed_pixels(pixels))
-        texts.append(text_encoder.embed(
-            [Product.model_validate_json(r.product_json).embedding_text() for r in chunk]))
-    image, text = np.concatenate(images), np.concatenate(texts)
+        products, paths = read_catalogue(generate_demo_catalog(Path(tempfile.mkdtemp()), 240))
+    embedded = CatalogueEmbedder(threads=2).embed_files(products[:limit], paths[:limit], 64)
+    image, text = embedded.image, embedded.text
     OUT.mkdir(exist_ok=True)
     np.savez(cache, image=image, text=text)
     return image, text

@@ -23,15 +23,13 @@ import tempfile
 import time
 from pathlib import Path
 
-import httpx
 import numpy as np
 import yaml
 
-from deployments.core.demo import generate_demo_catalog
+from benchmarks.common import OUT, Record, Request, Workload, closed_loop, demo_photos
 from deployments.core.encoders import ImageEncoder
 from deployments.core.settings import AppSettings, load_settings
-
-OUT = Path(__file__).resolve().parent / "out"
+from tests.support import wait_healthy
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -52,64 +50,37 @@ def bare_encoder_ms(settings: AppSettings, photos: list[bytes], repeats: int = 6
     return statistics.median(times)
 
 
-async def single_client(url: str, photos: list[bytes], n: int) -> list[float]:
-    """Latencies (ms) of n sequential image queries."""
-    async with httpx.AsyncClient(base_url=url, timeout=60) as client:
-        latencies = []
-        for i in range(n):
-            start = time.perf_counter()
-            r = await client.post("/search/image", files={"image": ("q.jpg", photos[i % 50])})
-            r.raise_for_status()
-            latencies.append((time.perf_counter() - start) * 1000)
-    return latencies
+def image_queries(photos: list[bytes], users: int) -> Workload:
+    """Image queries only; user u sends photos u, u + users, u + 2 * users, ..."""
+
+    def next_request(uid: int, n: int, rng) -> Request:
+        photo = photos[(uid + (n - 1) * users) % len(photos)]
+        return Request("photo", "POST", "/search/image", {"files": {"image": ("q.jpg", photo)}})
+
+    return next_request
 
 
-async def load(url: str, photos: list[bytes], clients: int, seconds: float) -> dict:
+def single_client(url: str, photos: list[bytes], n: int) -> list[float]:
+    """Latencies (ms) of n sequential image queries (of the first 50 photos)."""
+    record = Record()
+    asyncio.run(closed_loop(url, 1, float("inf"), image_queries(photos[:50], 1), record,
+                            requests_per_user=n, timeout=60))
+    failed = [e for e in record.events if e[2] != 200]
+    if failed:
+        raise RuntimeError(f"{len(failed)} of {n} sequential queries failed: {failed[0]}")
+    return record.latencies_ms()
+
+
+def load(url: str, photos: list[bytes], clients: int, seconds: float) -> dict:
     """`clients` closed-loop users sending image queries for `seconds`; throughput and latency."""
-    latencies: list[float] = []
-    errors = 0
-    stop = time.perf_counter() + seconds
-    limits = httpx.Limits(max_connections=clients + 4)
-
-    async def user(uid: int, client: httpx.AsyncClient) -> None:
-        nonlocal errors
-        i = uid
-        while time.perf_counter() < stop:
-            start = time.perf_counter()
-            try:
-                r = await client.post("/search/image",
-                                      files={"image": ("q.jpg", photos[i % len(photos)])})
-                if r.status_code == 200:
-                    latencies.append((time.perf_counter() - start) * 1000)
-                else:
-                    errors += 1
-            except httpx.HTTPError:
-                errors += 1
-            i += clients
-
-    async with httpx.AsyncClient(base_url=url, timeout=60, limits=limits) as client:
-        began = time.perf_counter()
-        await asyncio.gather(*(user(u, client) for u in range(clients)))
-        elapsed = time.perf_counter() - began
-    return {"clients": clients, "requests": len(latencies), "errors": errors,
+    record = Record()
+    elapsed = asyncio.run(closed_loop(url, clients, seconds, image_queries(photos, clients),
+                                      record, timeout=60))
+    latencies = record.latencies_ms((200,))
+    return {"clients": clients, "requests": len(latencies),
+            "errors": len(record.events) - len(latencies),
             "qps": len(latencies) / elapsed, "p50_ms": percentile(latencies, 50),
             "p99_ms": percentile(latencies, 99)}
-
-
-def wait_ready(url: str, proc: subprocess.Popen, timeout: float = 300) -> None:
-    """Wait until /healthz is 200 and the demo catalogue is indexed."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError("serve run exited early")
-        try:
-            r = httpx.get(f"{url}/healthz", timeout=10)
-            if r.status_code == 200 and r.json()["demo_catalog"] != "indexing":
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(1)
-    raise TimeoutError("service did not become ready")
 
 
 def run_mode(config: dict, work: Path, port: int, photos: list[bytes], args) -> dict:
@@ -121,14 +92,14 @@ def run_mode(config: dict, work: Path, port: int, photos: list[bytes], args) -> 
                             stdout=log, stderr=subprocess.STDOUT)
     try:
         url = f"http://127.0.0.1:{port}"
-        wait_ready(url, proc)
-        asyncio.run(load(url, photos, 8, 3))  # warm up every replica and batch path
+        wait_healthy(url, config["applications"][0]["args"]["demo"]["size"], 300, proc)
+        load(url, photos, 8, 3)  # warm up every replica and batch path
         args_block = config["applications"][0]["args"]
         result = {"max_batch_size": args_block["image_batching"]["max_batch_size"]}
-        lat = asyncio.run(single_client(url, photos, args.single))
+        lat = single_client(url, photos, args.single)
         result["single_p50_ms"] = percentile(lat, 50)
         result["single_p99_ms"] = percentile(lat, 99)
-        result["load"] = [asyncio.run(load(url, photos, c, args.seconds)) for c in args.clients]
+        result["load"] = [load(url, photos, c, args.seconds) for c in args.clients]
         return result
     finally:
         proc.send_signal(signal.SIGINT)  # serve run tears down its app and its Ray cluster
@@ -156,8 +127,7 @@ def main() -> None:
     app_args["milvus"]["uri"] = str(work / "milvus.db")
     app_args["media_dir"] = str(work / "media")
     app_args["demo"]["dir"] = str(work / "demo")
-    csv_path = generate_demo_catalog(work / "demo", base.demo.size)
-    photos = [p.read_bytes() for p in sorted((csv_path.parent / "images").glob("*.jpg"))]
+    photos, _ = demo_photos(work / "demo", base.demo.size)
 
     report = {"date": time.strftime("%Y-%m-%d %H:%M"), "config": args.config,
               "image_threads": base.image_encoder.threads(),

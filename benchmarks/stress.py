@@ -17,73 +17,17 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import random
 import tempfile
 import threading
 import time
 from collections import Counter
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
 import numpy as np
 
-from deployments.core.demo import generate_demo_catalog
-
-OUT = Path(__file__).resolve().parent / "out"
-QUERIES = ["red dress", "black sports shoes", "blue t-shirt for men", "leather handbag",
-           "white mug", "grey trousers", "yellow cap", "brown watch"]
-
-
-@dataclass
-class Record:
-    """Every request's outcome, for the report."""
-
-    events: list[tuple[float, str, int, float]] = field(default_factory=list)  # t, kind, status, s
-    acknowledged: list[str] = field(default_factory=list)
-    marks: dict[str, float] = field(default_factory=dict)
-
-
-async def user(uid: int, client: httpx.AsyncClient, photos: list[bytes], ids: list[str],
-               stop: float, record: Record, write_every: int) -> None:
-    """One closed-loop user: mostly searches, sometimes a write."""
-    rng = random.Random(uid)
-    n = 0
-    while time.monotonic() < stop:
-        n += 1
-        kind = "write" if write_every and n % write_every == 0 else rng.choice(
-            ["photo", "photo", "text", "similar"])
-        start = time.monotonic()
-        product_id = None
-        try:
-            if kind == "photo":
-                r = await client.post("/search/image", files={"image": ("q.jpg",
-                                                                        rng.choice(photos))})
-            elif kind == "text":
-                r = await client.post("/search/text", json={"query": rng.choice(QUERIES)})
-            elif kind == "similar":
-                r = await client.get(f"/products/{rng.choice(ids)}/similar")
-            else:
-                product_id = f"stress-{uid}-{n}"
-                product = {"id": product_id, "title": f"Stress product {uid} {n}"}
-                r = await client.post("/products", files={"image": ("p.jpg", rng.choice(photos))},
-                                      data={"product": json.dumps(product)})
-            status = r.status_code
-        except httpx.HTTPError as exc:
-            status = 0 if not isinstance(exc, httpx.TimeoutException) else -1
-        record.events.append((start, kind, status, time.monotonic() - start))
-        if product_id and status == 201:
-            record.acknowledged.append(product_id)
-
-
-async def run_load(url: str, photos: list[bytes], ids: list[str], users: int, seconds: float,
-                   record: Record, write_every: int = 20) -> None:
-    """All users for `seconds`."""
-    stop = time.monotonic() + seconds
-    limits = httpx.Limits(max_connections=users + 4)
-    async with httpx.AsyncClient(base_url=url, timeout=30, limits=limits) as client:
-        await asyncio.gather(*(user(u, client, photos, ids, stop, record, write_every)
-                               for u in range(users)))
+from benchmarks.common import OUT, Record, demo_photos, run_load
+from serve_app.auth import write_headers  # writers send SHOPSEARCH_API_KEYS or data/admin_key
 
 
 def report(record: Record, seconds: float) -> dict:
@@ -115,13 +59,6 @@ def window(record: Record, begin: float, end: float) -> dict:
             "slowest_failure_s": max(failed, default=0.0)}
 
 
-def demo_photos(folder: Path, n: int = 48) -> tuple[list[bytes], list[str]]:
-    """Photos to query with, and the ids of the demo products they belong to."""
-    csv_path = generate_demo_catalog(folder, n)
-    files = sorted((csv_path.parent / "images").glob("*.jpg"))
-    return [p.read_bytes() for p in files], [p.stem for p in files]
-
-
 def fault_run(args: argparse.Namespace) -> dict:
     """Own stack; kill an encoder replica, then stop and restart Milvus, under load."""
     import ray
@@ -142,6 +79,7 @@ def fault_run(args: argparse.Namespace) -> dict:
         "image_encoder": base.image_encoder.model_copy(update={
             "min_replicas": 2, "max_replicas": 2, "num_cpus": 0.2, "num_threads": 1}),
         "search": base.search.model_copy(update={"max_replicas": 1}),
+        "auth": base.auth.model_copy(update={"key_file": str(work / "admin_key")}),
     })
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     port = free_port()
@@ -165,7 +103,8 @@ def fault_run(args: argparse.Namespace) -> dict:
 
     injector = threading.Thread(target=faults)
     injector.start()
-    asyncio.run(run_load(url, photos, ids, args.users, args.seconds, record))
+    asyncio.run(run_load(url, photos, ids, args.users, args.seconds, record,
+                         write_headers=write_headers(settings.auth.key_file)))
     injector.join()
     result = report(record, args.seconds)
     marks = record.marks
@@ -202,7 +141,8 @@ def main() -> None:
             parser.error("give --url of a running service, or --fault")
         photos, ids = demo_photos(Path(tempfile.mkdtemp(prefix="stress-")))
         record = Record()
-        asyncio.run(run_load(args.url, photos, ids, args.users, args.seconds, record))
+        asyncio.run(run_load(args.url, photos, ids, args.users, args.seconds, record,
+                             write_headers=write_headers()))
         result = report(record, args.seconds)
     result.update(date=time.strftime("%Y-%m-%d %H:%M"), users=args.users, seconds=args.seconds,
                   fault=args.fault)

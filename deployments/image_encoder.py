@@ -10,7 +10,9 @@ from ray import serve
 
 from deployments import metrics
 from deployments.core import encoders
+from deployments.core.colour import grey_layout
 from deployments.core.errors import InvalidInput
+from deployments.core.images import decode_image, has_colour
 from deployments.core.settings import BatchingSettings, ImageModelSettings
 
 
@@ -48,13 +50,19 @@ class ImageEncoder:
     def _embed_sync(self, images: list[bytes]) -> list[encoders.ImageFeatures | InvalidInput]:
         # A bad image fails only its own request, not the batch it shares.
         results: list[encoders.ImageFeatures | InvalidInput | None] = []
-        pixels = []
+        pixels, layouts = [], []
         for blob in images:
             try:
-                image = encoders.decode_image(blob, self.max_pixels)
+                image = decode_image(blob, self.max_pixels)
                 pixels.append(self.encoder.preprocessor.model_pixels(image))
+                # A photo without colour is compared by its grey layout instead of colour.
+                layouts.append(None if has_colour(image) else grey_layout(image))
                 results.append(None)
             except InvalidInput as exc:
                 results.append(exc)
-        features = iter(self.encoder.features_pixels(np.stack(pixels)) if pixels else [])
-        return [next(features) if r is None else r for r in results]
+        features = self.encoder.features_pixels(np.stack(pixels), [
+            layout is None for layout in layouts]) if pixels else []
+        for feature, layout in zip(features, layouts, strict=True):
+            feature.layout = layout
+        found = iter(features)
+        return [next(found) if r is None else r for r in results]

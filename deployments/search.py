@@ -102,7 +102,7 @@ class ProductSearch:
 
     # -- catalogue ----------------------------------------------------------------------------
     async def attributes(self) -> dict[str, dict[str, int]]:
-        """Each filterable field's values with counts."""
+        """Each filter's values with counts, keyed by filter name (Searcher.attributes)."""
         return self.searcher.attributes()
 
     async def get(self, product_id: str) -> Product:

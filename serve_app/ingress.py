@@ -2,17 +2,21 @@
 deployment and the vector on to ProductSearch (Serve passes one handle's response straight into the
 next call, so vectors never travel through this replica), and shapes the JSON answer.
 
-Errors, logs and metrics: serve_app.http; retries and deadlines: serve_app.resilience.
+Errors, logs, body limits and CORS: serve_app.http; retries and deadlines: serve_app.resilience;
+write keys: serve_app.auth (every route that changes the catalogue depends on
+`auth.require_writer`; search, browse, images, the page and /healthz stay public).
 """
 
 # No `from __future__ import annotations` here: serve.ingress needs the route annotations real.
 import asyncio
+import logging
+import re
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Annotated, Literal, TypeVar
 
-from fastapi import FastAPI, File, Form, Query, Request, UploadFile
+from fastapi import Depends, FastAPI, File, Form, Query, Request, UploadFile
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
 from pydantic import ValidationError
 from ray import serve
@@ -20,11 +24,11 @@ from ray.serve.handle import DeploymentHandle
 
 from deployments.core.errors import InvalidInput, NotFound
 from deployments.core.filters import Filters, parse_filters
-from deployments.core.media import check_image
-from deployments.core.products import Product
+from deployments.core.images import ACCEPTED_TEXT, check_image
+from deployments.core.products import ID_PATTERN, Product
 from deployments.core.settings import AppSettings
 from deployments.core.store import Hit
-from serve_app import http, resilience
+from serve_app import auth, http, resilience
 from serve_app.schemas import ErrorResponse, ProductPage, ResultItem, SearchResponse, TextQuery
 from serve_app.seeding import DemoSeeder
 
@@ -32,6 +36,17 @@ T = TypeVar("T")
 WEB_DIR = Path(__file__).resolve().parent / "web"
 ERRORS = {400: {"model": ErrorResponse}, 404: {"model": ErrorResponse},
           503: {"model": ErrorResponse}}
+WRITE_ERRORS = {**ERRORS, 401: {"model": ErrorResponse}, 403: {"model": ErrorResponse},
+                413: {"model": ErrorResponse}}
+# Every route that changes state: a valid `Authorization: Bearer <key>` (serve_app.auth).
+WRITER = [Depends(auth.require_writer)]
+VALID_ID = re.compile(ID_PATTERN)
+STATIC_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*(?:\.[A-Za-z0-9_-]+)*")
+log = logging.getLogger("ray.serve")
+# The accepted photo formats (deployments.core.images), in the docs of every upload route.
+PHOTO_FORMATS = (f"Photo formats: {ACCEPTED_TEXT} (a phone's multi-picture JPEG counts as JPEG; "
+                 "of an animation, the first frame is used). Others get 415.")
+PHOTO = f"Product photo ({ACCEPTED_TEXT})"
 
 api = FastAPI(
     title="Similar-product search",
@@ -55,6 +70,8 @@ class SearchAPI:
         self.image_encoder = image_encoder
         self.text_encoder = text_encoder
         self.search = search
+        http.configure(settings)  # body limits and CORS of this replica's middleware
+        self.auth = auth.configure(settings.auth)  # write keys (or the generated key file)
         self.demo = DemoSeeder(settings.demo)
         if self.demo.status == "pending":
             self._demo_task = asyncio.get_running_loop().create_task(
@@ -64,9 +81,10 @@ class SearchAPI:
     @api.post("/search/image", response_model=SearchResponse, responses=ERRORS,
               summary="Products that look like an uploaded photo",
               description="Filters as query parameters: `colour=Red&colour=Blue`, `gender=Men`, "
-              "`price_min=10&price_max=50`, `attr.<name>=value` (any field of /attributes).")
+              "`price_min=10&price_max=50`, `attr.<name>=value` (any field of /attributes). "
+              + PHOTO_FORMATS)
     async def search_image(
-        self, request: Request, image: Annotated[UploadFile, File(description="Product photo")],
+        self, request: Request, image: Annotated[UploadFile, File(description=PHOTO)],
         k: Annotated[int, Query(description="How many results")] = 10,
         explain: Annotated[bool, Query(description="Say why each result ranked")] = False,
     ) -> SearchResponse:
@@ -88,10 +106,11 @@ class SearchAPI:
               summary="Search by a photo, a description, or both (hybrid)",
               description="Multipart: `image` and/or `query`. With both, the photo and text "
               "searches are fused by Milvus hybrid search: `ranker=rrf` (default) or "
-              "`ranker=weighted` with `image_weight` in [0, 1]. Filters as query parameters.")
+              "`ranker=weighted` with `image_weight` in [0, 1]. Filters as query parameters. "
+              + PHOTO_FORMATS)
     async def search(
         self, request: Request,
-        image: Annotated[UploadFile | None, File(description="Product photo")] = None,
+        image: Annotated[UploadFile | None, File(description=PHOTO)] = None,
         query: Annotated[str | None, Form(description="Description")] = None,
         k: Annotated[int, Query()] = 10,
         ranker: Annotated[Literal["rrf", "weighted"], Query()] = "rrf",
@@ -127,6 +146,7 @@ class SearchAPI:
     @api.get("/products/{product_id}", response_model=ResultItem, responses=ERRORS,
              summary="One product")
     async def get_product(self, product_id: str) -> ResultItem:
+        product_id = self._check_id(product_id)
         return ResultItem.of(await self._call(lambda: self.search.get.remote(product_id)))
 
     @api.get("/products/{product_id}/similar", response_model=SearchResponse, responses=ERRORS,
@@ -137,14 +157,16 @@ class SearchAPI:
         k: Annotated[int, Query(description="How many results")] = 10,
         explain: Annotated[bool, Query(description="Say why each result ranked")] = False,
     ) -> SearchResponse:
+        product_id = self._check_id(product_id)
         return await self._search(request, "similar", k, lambda k, filters: self.search.similar
                                   .remote(product_id, k, filters, explain))
 
-    @api.post("/products", response_model=ResultItem, status_code=201, responses=ERRORS,
-              summary="Add or replace a product (by id) with its photo")
+    @api.post("/products", response_model=ResultItem, status_code=201, responses=WRITE_ERRORS,
+              dependencies=WRITER, summary="Add or replace a product (by id) with its photo",
+              description="Needs `Authorization: Bearer <key>`. " + PHOTO_FORMATS)
     async def upsert_product(
         self,
-        image: Annotated[UploadFile, File(description="Product photo")],
+        image: Annotated[UploadFile, File(description=PHOTO)],
         product: Annotated[str, Form(description='JSON: {"id", "title", "category", "colour", '
                                      '"size", "price", "attributes": {...}, ...}')],
     ) -> ResultItem:
@@ -155,9 +177,11 @@ class SearchAPI:
         stored = await self._upsert(parsed, await self._read_image(image))
         return ResultItem.of(stored)
 
-    @api.delete("/products/{product_id}", status_code=204, responses=ERRORS,
-                summary="Remove a product")
+    @api.delete("/products/{product_id}", status_code=204, responses=WRITE_ERRORS,
+                dependencies=WRITER, summary="Remove a product",
+                description="Needs `Authorization: Bearer <key>`.")
     async def delete_product(self, product_id: str) -> Response:
+        product_id = self._check_id(product_id)
         # Not retried: a delete that succeeded before its replica died would then say 404.
         await self._call(lambda: self.search.delete.remote(product_id), retry=False)
         return Response(status_code=204)
@@ -169,6 +193,7 @@ class SearchAPI:
     @api.get("/images/{product_id}", responses=ERRORS, summary="The stored product photo",
              response_class=Response)
     async def product_image(self, product_id: str) -> Response:
+        product_id = self._check_id(product_id)
         data, mime = await self._call(lambda: self.search.image.remote(product_id))
         return Response(data, media_type=mime, headers={"Cache-Control": "public, max-age=300"})
 
@@ -179,9 +204,13 @@ class SearchAPI:
 
     @api.get("/static/{name}", include_in_schema=False)
     async def static(self, name: str) -> FileResponse:
+        # A plain file name only (no separators, NUL bytes or leading dot), then resolved and
+        # checked to be inside static/ (symlinks included).
+        if not STATIC_NAME.fullmatch(name):
+            raise NotFound("no such static file")
         path = (WEB_DIR / "static" / name).resolve()
         if path.parent != (WEB_DIR / "static").resolve() or not path.is_file():
-            raise NotFound(f"no static file {name!r}")
+            raise NotFound("no such static file")  # the name is not echoed back
         return FileResponse(path, headers={"Cache-Control": "public, max-age=60"})
 
     # -- operations -----------------------------------------------------------------------
@@ -194,7 +223,9 @@ class SearchAPI:
                 self.search.health.remote(), self.search.count.remote(),
             ), timeout)
         except Exception as exc:  # any failing part makes the service unhealthy
-            body = {"status": "unavailable", "reason": f"{type(exc).__name__}: {exc}"[:300]}
+            log.warning("health check failed: %r", exc)
+            _, code, message = http.describe(exc)  # no backend error text, paths or traces
+            body = {"status": "unavailable", "reason": f"{code}: {message}"[:300]}
             return JSONResponse(body, 503, headers={"Retry-After": "1"})
         return JSONResponse({
             "status": "ok", "products": count, "demo_catalog": self.demo.status,
@@ -235,6 +266,14 @@ class SearchAPI:
             raise InvalidInput("the image upload is empty", code="invalid_image")
         check_image(data, self.limits.max_image_pixels)
         return data
+
+    @staticmethod
+    def _check_id(product_id: str) -> str:
+        """Ids in paths follow the product id pattern (no `/`, no leading `.`); any other can
+        not exist, so it is a 404 before any backend sees it."""
+        if not VALID_ID.fullmatch(product_id):
+            raise NotFound("no product with that id")
+        return product_id
 
     def _check_k(self, k: int) -> int:
         if not 1 <= k <= self.limits.max_k:

@@ -12,6 +12,8 @@ from deployments.core.settings import AppSettings, ImageModelSettings, TextModel
 from tests.support import free_port, wait_healthy
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# The tests choose their services' write keys themselves (the `admin_key` fixture, test_auth.py).
+os.environ.pop("SHOPSEARCH_API_KEYS", None)
 DATASET = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "fashion-dev"
 
 
@@ -54,6 +56,8 @@ def make_settings(tmp_path: Path, model_cache: str, **overrides) -> AppSettings:
         "milvus": {"uri": str(tmp_path / "milvus.db"), "collection": "products"},
         "media_dir": str(tmp_path / "media"),
         "demo": {"enabled": True, "size": 48, "dir": str(tmp_path / "demo")},
+        # No key configured: the ingress generates its admin key here (see `admin_key`).
+        "auth": {"key_file": str(tmp_path / "admin_key")},
         "image_encoder": {"num_cpus": 0.25, "num_threads": 1, "max_replicas": 1},
         "text_encoder": {"num_cpus": 0.25, "num_threads": 1, "max_replicas": 1},
         "search": {"num_cpus": 0.1, "max_ongoing_requests": 64},
@@ -105,3 +109,44 @@ def service(ray_local, service_settings):
     wait_healthy(url, products=48)
     yield url
     serve.shutdown()
+
+
+@pytest.fixture(scope="session")
+def admin_key(service, service_settings) -> str:
+    """The write key the shared test service generated on first start (no key configured)."""
+    return Path(service_settings.auth.key_file).read_text().strip()
+
+
+@pytest.fixture(scope="session")
+def auth_headers(admin_key) -> dict[str, str]:
+    """Headers that authorise writes on the shared test service."""
+    return {"Authorization": f"Bearer {admin_key}"}
+
+
+@pytest.fixture(scope="session")
+def ingress_app(service, settings_factory, tmp_path_factory):
+    """Factory: start(name, **setting overrides) runs another ingress with its own settings (keys,
+    read-only, limits, CORS) under /<name>, in front of the shared service's encoders and
+    ProductSearch (so no model loads again: one small SearchAPI replica), and returns its URL."""
+    from ray import serve
+
+    from serve_app.app import deployment_options
+    from serve_app.ingress import SearchAPI
+
+    started = []
+
+    def start(name: str, **overrides) -> str:
+        settings = settings_factory(tmp_path_factory.mktemp(name),
+                                    demo={"enabled": False, "size": 0}, **overrides)
+        handles = [serve.get_deployment_handle(d, app_name="shopsearch")
+                   for d in ("ImageEncoder", "TextEncoder", "ProductSearch")]
+        graph = SearchAPI.options(**deployment_options(settings.ingress)).bind(settings, *handles)
+        serve.run(graph, name=name, route_prefix=f"/{name}")
+        started.append(name)
+        url = f"{service}/{name}"
+        wait_healthy(url)
+        return url
+
+    yield start
+    for name in started:
+        serve.delete(name)

@@ -14,20 +14,19 @@ import tempfile
 import time
 from pathlib import Path
 
-import httpx
 import ray
 import ray.util.state
 from ray import serve
 from ray.cluster_utils import Cluster
 
 from batch_index import pipeline
-from benchmarks.stress import Record, run_load
+from benchmarks.common import Record, run_load
 from deployments.core.catalog import read_csv_catalog
 from deployments.core.demo import generate_demo_catalog
 from deployments.core.settings import AppSettings
 from deployments.core.store import ProductStore
 from serve_app.app import build_app
-from tests.support import free_port
+from tests.support import free_port, wait_healthy
 
 
 def replica_nodes(app: str, deployment: str) -> list[str]:
@@ -73,7 +72,7 @@ def main(work: Path) -> dict:
     )
     serve.run(build_app(settings), name="multi", route_prefix="/")
     url = f"http://127.0.0.1:{port}"
-    wait_for(lambda: _healthy(url, 24), 300, "service healthy")
+    wait_healthy(url, 24, timeout=300)
     found = {"image_encoder_nodes_before": len(set(replica_nodes("multi", "ImageEncoder")))}
 
     csv_path = generate_demo_catalog(work / "demo", 24)
@@ -115,14 +114,6 @@ def main(work: Path) -> dict:
     ray.shutdown()
     cluster.shutdown()
     return found
-
-
-def _healthy(url: str, products: int) -> bool:
-    try:
-        r = httpx.get(f"{url}/healthz", timeout=10)
-        return r.status_code == 200 and r.json()["products"] >= products
-    except httpx.HTTPError:
-        return False
 
 
 if __name__ == "__main__":

@@ -83,11 +83,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def wait_healthy(url: str, products: int = 0, timeout: float = 180) -> dict:
-    """Poll /healthz until it is 200 with at least `products` products indexed."""
+def wait_healthy(url: str, products: int = 0, timeout: float = 180,
+                 process: subprocess.Popen | None = None) -> dict:
+    """Poll /healthz until it is 200 with at least `products` products indexed (the one health
+    poll of tests and benchmarks); RuntimeError if `process` (the server) exits first."""
     deadline = time.monotonic() + timeout
     last = None
     while time.monotonic() < deadline:
+        if process is not None and process.poll() is not None:
+            raise RuntimeError(f"the service process exited with {process.returncode}")
         try:
             r = httpx.get(f"{url}/healthz", timeout=10)
             last = r.text

@@ -370,6 +370,29 @@ def test_milvus_credentials_come_from_a_secret():
         assert token["valueFrom"]["secretKeyRef"]["name"], name
 
 
+def test_write_api_keys_come_from_a_secret(monkeypatch):
+    """Every Ray pod (wherever Serve builds the app) gets SHOPSEARCH_API_KEYS from one Secret,
+    the config carries no key, and the README says how to rotate keys and where rate limits go."""
+    refs = set()
+    for name, container in ray_containers().items():
+        keys = env_of(container).get("SHOPSEARCH_API_KEYS")
+        assert keys and "value" not in keys, f"{name}: SHOPSEARCH_API_KEYS from a Secret"
+        ref = keys["valueFrom"]["secretKeyRef"]
+        assert ref["name"] and ref["key"] and not ref.get("optional"), name
+        refs.add((ref["name"], ref["key"]))
+    assert len(refs) == 1, refs
+    assert "api_keys" not in (cluster_args().get("auth") or {}), "keys belong in a Secret"
+    monkeypatch.setenv("SHOPSEARCH_API_KEYS", "new-key,old-key")   # two at once: rotation
+    settings = AppSettings(**cluster_args())
+    assert [k.get_secret_value() for k in settings.auth.api_keys] == ["new-key", "old-key"]
+    assert "new-key" not in repr(settings)
+    readme = README.read_text()
+    (secret, key), = refs
+    assert f"secret generic {secret}" in readme and f"--from-literal={key}=" in readme
+    assert "Rotating the API keys" in readme and "$NEW,$OLD" in readme
+    assert "Rate limits" in readme and "limit-rps" in readme
+
+
 def test_media_dir_is_a_shared_volume_on_every_ray_pod(settings):
     media_dir = settings.media_dir
     assert media_dir.startswith("/"), "an absolute path, the same on every node"

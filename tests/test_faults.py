@@ -25,6 +25,7 @@ from tests.support import (
 )
 
 pytestmark = pytest.mark.integration
+FAULTS_KEY = "faults-app-write-key"  # the write key configured for the `server_app` service
 
 
 def _png_bomb() -> bytes:
@@ -34,7 +35,8 @@ def _png_bomb() -> bytes:
     return buf.getvalue()
 
 
-def _bad_requests(photo: bytes) -> list[tuple[str, str, dict]]:
+def _bad_requests(photo: bytes, auth: dict[str, str]) -> list[tuple[str, str, dict]]:
+    """Bad requests; the writes carry a valid key (`auth`) so their input is what is judged."""
     text = "/search/text"
     image = "/search/image"
     return [
@@ -65,25 +67,29 @@ def _bad_requests(photo: bytes) -> list[tuple[str, str, dict]]:
         ("GET", "/products/%22%20or%201%3D%3D1/similar", {}),
         ("GET", "/images/no-such-id", {}),
         ("GET", "/static/..%2Fingress.py", {}),
-        ("DELETE", "/products/no-such-id", {}),
-        ("POST", "/products", {"files": {"image": ("x.jpg", photo)}, "data": {"product": "{"}}),
+        ("DELETE", "/products/no-such-id", {"headers": auth}),
+        ("POST", "/products", {"files": {"image": ("x.jpg", photo)}, "data": {"product": "{"},
+                               "headers": auth}),
         ("POST", "/products", {"files": {"image": ("x.jpg", photo)},
-                               "data": {"product": json.dumps({"id": "x y", "title": "t"})}}),
+                               "data": {"product": json.dumps({"id": "x y", "title": "t"})},
+                               "headers": auth}),
         ("POST", "/products", {"files": {"image": ("x.jpg", photo)},
                                "data": {"product": json.dumps({"id": "ok", "price": -3,
-                                                               "title": "t"})}}),
+                                                               "title": "t"})},
+                               "headers": auth}),
         ("POST", "/products", {"files": {"image": ("x.txt", b"hello")},
-                               "data": {"product": json.dumps({"id": "ok", "title": "t"})}}),
+                               "data": {"product": json.dumps({"id": "ok", "title": "t"})},
+                               "headers": auth}),
         ("PUT", "/search/text", {"json": {"query": "x"}}),
         ("GET", "/nowhere", {}),
     ]
 
 
-def test_no_bad_input_gets_a_5xx(service):
+def test_no_bad_input_gets_a_5xx(service, auth_headers):
     with httpx.Client(base_url=service, timeout=60) as client:
         photo = client.get("/images/demo-0001").content
         wrong = []
-        for i, (method, path, kwargs) in enumerate(_bad_requests(photo)):
+        for i, (method, path, kwargs) in enumerate(_bad_requests(photo, auth_headers)):
             r = client.request(method, path, **kwargs)
             if not 400 <= r.status_code < 500 or not r.json()["error"]["message"]:
                 wrong.append((i, method, path, r.status_code, r.text[:200]))
@@ -149,6 +155,7 @@ def server_app(service, milvus_server, settings_factory, tmp_path_factory):
         milvus={"uri": milvus_server.uri, "collection": "faults", "read_timeout_s": 0.8},
         image_encoder={"min_replicas": 2, "max_replicas": 2, "num_cpus": 0.1, "num_threads": 1},
         demo={"enabled": True, "size": 16},
+        auth={"api_keys": [FAULTS_KEY]},
     )
     serve.run(build_app(settings), name="faults", route_prefix="/faults")
     url = f"{service}/faults"
@@ -181,7 +188,8 @@ def test_milvus_outage_fails_fast_then_recovers_without_losing_writes(server_app
             photo = jpeg_bytes(draw_product("Mugs", "Green", "Dotted", seed=900 + i))
             product = {"id": f"ack-{i}", "title": f"Acknowledged mug {i}"}
             r = client.post("/products", files={"image": ("m.jpg", photo)},
-                            data={"product": json.dumps(product)})
+                            data={"product": json.dumps(product)},
+                            headers={"Authorization": f"Bearer {FAULTS_KEY}"})
             assert r.status_code == 201
             acknowledged.append(product["id"])
         photo = client.get("/images/ack-0").content

@@ -135,3 +135,13 @@ def test_schema_is_explicit(store):
                  "image_ref", "image_hash", "image_vector", "text_vector"):
         assert name in fields
     assert int(fields["image_vector"]["params"]["dim"]) == IMAGE_DIM
+
+
+def test_search_batch_answers_each_row_like_search(store):
+    image = _vectors(10, IMAGE_DIM, 1)
+    store.upsert(_products(10), image, _vectors(10, TEXT_DIM, 2))
+    batched = store.search_batch(image[[2, 5]], "image", k=3, exclude_ids=("p2",))
+    assert len(batched) == 2 and batched[1][0].product.id == "p5"
+    for row, query in zip(batched, image[[2, 5]], strict=True):
+        single = store.search(query, "image", k=3, exclude_ids=("p2",))
+        assert [h.product.id for h in row] == [h.product.id for h in single]

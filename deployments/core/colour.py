@@ -8,6 +8,8 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image
 
+from deployments.core.images import pad_to_square
+
 COLOUR_VERSION = "hsv54-v2"  # change when the descriptor changes: stored descriptors go stale
 GREY_BINS = 6  # achromatic pixels, by brightness
 HUE_BINS = 12  # chromatic pixels: hue (soft-assigned) x saturation (2) x brightness (2)
@@ -49,7 +51,9 @@ def colour_histogram(pixels: np.ndarray, mask: np.ndarray) -> np.ndarray:
 def colour_descriptor(pixels: np.ndarray) -> np.ndarray:
     """COLOUR_DIMS-d colour signature of the product in a uint8 HxWx3 photo (the encoder's
     `model_pixels`): square root of the foreground's normalised HSV histogram, so it has unit
-    length and the dot product of two descriptors is their Bhattacharyya coefficient (0..1)."""
+    length and the dot product of two descriptors is their Bhattacharyya coefficient (0..1).
+    Returns (COLOUR_DIMS,) float32 (all zero for an empty histogram); ValueError for other
+    pixel arrays."""
     if pixels.ndim != 3 or pixels.shape[2] != 3 or pixels.dtype != np.uint8:
         raise ValueError("pixels must be a uint8 HxWx3 array")
     step = max(1, min(pixels.shape[:2]) // SAMPLE_SIDE)
@@ -68,3 +72,29 @@ def colour_similarity(a: np.ndarray | None, b: np.ndarray | None) -> float:
     if a is None or b is None:
         return 0.0
     return float(np.clip(np.dot(a, b), 0.0, 1.0))
+
+
+# -- photos without colour ------------------------------------------------------------------
+LAYOUT_SIDE = 32  # the grey layout is the photo (padded square) at this many pixels a side
+LAYOUT_FLOOR = 0.8  # correlations at or below this count as no likeness (0); 1.0 stays 1.0
+
+
+def grey_layout(image: Image.Image) -> np.ndarray:
+    """Brightness layout of a photo: its padded square in grey at LAYOUT_SIDE pixels a side,
+    zero mean and unit length, so the dot product of two is their correlation (blind to colour,
+    overall brightness and contrast). A query photo without colour information is compared to
+    candidates by this instead of by colour."""
+    grey = pad_to_square(image.convert("RGB")).convert("L")
+    small = grey.resize((LAYOUT_SIDE, LAYOUT_SIDE), Image.Resampling.BILINEAR)
+    values = np.asarray(small, dtype=np.float64).ravel()
+    values -= values.mean()
+    norm = np.linalg.norm(values)
+    return (values / norm if norm > 0 else values).astype(np.float32)
+
+
+def layout_similarity(a: np.ndarray | None, b: np.ndarray | None) -> float:
+    """Likeness of two grey layouts in 0..1: their correlation rescaled from LAYOUT_FLOOR..1."""
+    if a is None or b is None:
+        return 0.0
+    correlation = float(np.dot(a, b))
+    return float(np.clip((correlation - LAYOUT_FLOOR) / (1.0 - LAYOUT_FLOOR), 0.0, 1.0))

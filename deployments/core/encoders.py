@@ -7,7 +7,6 @@ online and offline. Each encoder takes a batch and returns an L2-normalised floa
 from __future__ import annotations
 
 import hashlib
-import io
 import logging
 import os
 from collections.abc import Sequence
@@ -16,10 +15,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import Image
 
 from deployments.core.colour import colour_descriptor
-from deployments.core.errors import InvalidInput
+from deployments.core.images import decode_image, pad_to_square  # callers import these here too
 from deployments.core.settings import ImageModelSettings, TextModelSettings
 
 log = logging.getLogger(__name__)
@@ -36,42 +35,9 @@ def resolve_device(device: str) -> torch.device:
 
 
 def l2_normalise(matrix: np.ndarray) -> np.ndarray:
-    """Scale each row to unit length (zero rows stay zero)."""
+    """Scale each row of an (n, dim) array to unit length (zero rows stay zero): float32."""
     norms = np.linalg.norm(matrix, axis=1, keepdims=True)
     return (matrix / np.maximum(norms, 1e-12)).astype(np.float32)
-
-
-def decode_image(data: bytes, max_pixels: int = 40_000_000) -> Image.Image:
-    """Decode image bytes to RGB, raising InvalidInput for anything that is not a usable image."""
-    try:
-        with Image.open(io.BytesIO(data)) as probe:
-            width, height = probe.size
-            if width * height > max_pixels:
-                raise InvalidInput(
-                    f"image is {width}x{height} pixels; the limit is {max_pixels} pixels",
-                    code="image_too_large",
-                )
-            image = ImageOps.exif_transpose(probe)
-            image.load()
-            return image.convert("RGB")
-    except InvalidInput:
-        raise
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
-        raise InvalidInput(f"not a readable image: {exc}", code="invalid_image") from exc
-
-
-def pad_to_square(image: Image.Image) -> Image.Image:
-    """Pad an image to a square with its own border colour, so no part of the product is cut."""
-    width, height = image.size
-    if width == height:
-        return image
-    side = max(width, height)
-    arr = np.asarray(image)
-    border = np.concatenate([arr[0], arr[-1], arr[:, 0], arr[:, -1]])
-    fill = tuple(int(v) for v in np.median(border, axis=0))
-    canvas = Image.new("RGB", (side, side), fill)
-    canvas.paste(image, ((side - width) // 2, (side - height) // 2))
-    return canvas
 
 
 def _load_package_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -149,6 +115,11 @@ class ImageFeatures:
 
     vector: np.ndarray
     colour: np.ndarray
+    # False for a photo without colour information (greyscale file, deployments.core.images):
+    # its descriptor then only describes brightness, and a query must not vote on colour with it.
+    has_colour: bool = True
+    # For such a photo: its brightness layout (colour.grey_layout), compared instead of colour.
+    layout: np.ndarray | None = None
 
 
 class ImageEncoder:
@@ -198,7 +169,8 @@ class ImageEncoder:
         return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
     def embed_pixels(self, pixels: np.ndarray) -> np.ndarray:
-        """Embed a uint8 NHWC batch made by `preprocessor.model_pixels`."""
+        """Embed a uint8 (n, H, W, 3) batch made by `preprocessor.model_pixels`: (n, dim)
+        float32, L2-normalised (n may be 0)."""
         if len(pixels) == 0:
             return np.zeros((0, self.dim), dtype=np.float32)
         batch = self.preprocessor.normalise(pixels)
@@ -210,20 +182,24 @@ class ImageEncoder:
             features = features.numpy()
         return l2_normalise(features)
 
-    def features_pixels(self, pixels: np.ndarray) -> list[ImageFeatures]:
-        """Vectors and colour descriptors of a uint8 NHWC batch."""
+    def features_pixels(self, pixels: np.ndarray,
+                        has_colour: Sequence[bool] | None = None) -> list[ImageFeatures]:
+        """Vectors and colour descriptors of a uint8 NHWC batch (`has_colour`: per photo,
+        `images.has_colour` of its decoded image; all True when not given)."""
         vectors = self.embed_pixels(pixels)
-        return [ImageFeatures(v, colour_descriptor(p)) for v, p in zip(vectors, pixels,
-                                                                          strict=True)]
+        flags = [True] * len(vectors) if has_colour is None else list(has_colour)
+        return [ImageFeatures(v, colour_descriptor(p), bool(c))
+                for v, p, c in zip(vectors, pixels, flags, strict=True)]
 
     def embed(self, images: Sequence[Image.Image]) -> np.ndarray:
-        """Embed a batch of PIL images."""
+        """Embed a batch of PIL images: (n, dim) float32, L2-normalised."""
         if not images:
             return np.zeros((0, self.dim), dtype=np.float32)
         return self.embed_pixels(np.stack([self.preprocessor.model_pixels(i) for i in images]))
 
     def embed_bytes(self, blobs: Sequence[bytes]) -> np.ndarray:
-        """Decode and embed a batch of encoded images; InvalidInput names a bad one."""
+        """Decode and embed a batch of encoded images: (n, dim) float32, L2-normalised;
+        InvalidInput names a bad one."""
         return self.embed([decode_image(blob) for blob in blobs])
 
 
@@ -256,7 +232,7 @@ class TextEncoder:
         self.dim = int(self.model.config.hidden_size)
 
     def embed(self, texts: Sequence[str]) -> np.ndarray:
-        """Embed a batch of strings."""
+        """Embed a batch of strings: (n, dim) float32, L2-normalised (n may be 0)."""
         if not texts:
             return np.zeros((0, self.dim), dtype=np.float32)
         tokens = self.tokenizer(

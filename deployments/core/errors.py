@@ -31,6 +31,18 @@ class NotFound(SearchError):
     code = "not_found"
 
 
+class Unauthorized(SearchError):
+    """A write without a valid `Authorization: Bearer <key>`. HTTP 401 + WWW-Authenticate."""
+
+    code = "unauthorized"
+
+
+class Forbidden(SearchError):
+    """The caller may not do this here (e.g. writes on a read-only service). HTTP 403."""
+
+    code = "forbidden"
+
+
 class BackendUnavailable(SearchError):
     """Milvus or a replica is down or too slow; retry later. HTTP 503."""
 

@@ -12,31 +12,34 @@ import re
 from collections.abc import Iterable
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import ConfigDict, Field, ValidationError, create_model, field_validator
 
 from deployments.core.errors import InvalidInput, validation_message
-from deployments.core.products import STRING_FIELDS
+from deployments.core.products import PRICE_SCHEMA, STRING_FIELDS, Price
 
 ATTRIBUTE_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
 MAX_VALUES = 50
 Scalar = str | float | bool
 
 
-class Filters(BaseModel):
-    """Attribute filters; values within a field are OR-ed, fields are AND-ed."""
+# One list of values per typed product field (products.STRING_FIELDS, the one field list).
+_FieldFilters = create_model(
+    "_FieldFilters",
+    **{name: (list[str], Field(default_factory=list, max_length=MAX_VALUES))
+       for name in STRING_FIELDS},
+)
+
+
+class Filters(_FieldFilters):
+    """Attribute filters; values within a field are OR-ed, fields are AND-ed. One list of
+    values per STRING_FIELDS field (`category`, `colour`, ...), then price bounds and JSON
+    attributes."""
 
     model_config = ConfigDict(extra="forbid")
 
-    category: list[str] = Field(default_factory=list, max_length=MAX_VALUES)
-    subcategory: list[str] = Field(default_factory=list, max_length=MAX_VALUES)
-    article_type: list[str] = Field(default_factory=list, max_length=MAX_VALUES)
-    colour: list[str] = Field(default_factory=list, max_length=MAX_VALUES)
-    size: list[str] = Field(default_factory=list, max_length=MAX_VALUES)
-    gender: list[str] = Field(default_factory=list, max_length=MAX_VALUES)
-    season: list[str] = Field(default_factory=list, max_length=MAX_VALUES)
-    usage: list[str] = Field(default_factory=list, max_length=MAX_VALUES)
-    price_min: float | None = Field(None, ge=0)
-    price_max: float | None = Field(None, ge=0)
+    # Validated as product prices are (finite, 0..PRICE_MAX); both bounds are inclusive.
+    price_min: Price | None = Field(None, json_schema_extra=PRICE_SCHEMA)
+    price_max: Price | None = Field(None, json_schema_extra=PRICE_SCHEMA)
     attributes: dict[str, list[Scalar]] = Field(default_factory=dict, max_length=20)
 
     @field_validator(*STRING_FIELDS, mode="before")

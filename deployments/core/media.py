@@ -2,45 +2,11 @@
 
 from __future__ import annotations
 
-import io
 import os
 from pathlib import Path
 
-from PIL import Image
-
-from deployments.core.errors import InvalidInput, NotFound
-
-CONTENT_TYPES = {"JPEG": "image/jpeg", "PNG": "image/png", "WEBP": "image/webp", "GIF": "image/gif"}
-EXTENSIONS = {"image/jpeg": ".jpg", "image/png": ".png", "image/webp": ".webp", "image/gif": ".gif"}
-
-
-def check_image(data: bytes, max_pixels: int) -> str:
-    """Judge an upload by its bytes (not its name): the image MIME type, or InvalidInput when it
-    is not a supported image or claims more pixels than allowed (decompression bombs)."""
-    try:
-        with Image.open(io.BytesIO(data)) as img:
-            mime = CONTENT_TYPES.get(img.format or "")
-            width, height = img.size
-    except Image.DecompressionBombError:
-        raise InvalidInput(f"image has more than {max_pixels} pixels; send a smaller image",
-                           code="image_too_large") from None
-    except (OSError, SyntaxError, ValueError):
-        mime = None
-    if mime is None:
-        raise InvalidInput("the upload is not a readable JPEG, PNG, WEBP or GIF image",
-                           code="unsupported_media_type")
-    if width * height > max_pixels:
-        raise InvalidInput(f"image is {width}x{height} pixels; the limit is {max_pixels}",
-                           code="image_too_large")
-    return mime
-
-
-def sniff_content_type(data: bytes) -> str:
-    """The image MIME type judged from the bytes, not the file name."""
-    try:
-        return check_image(data, max_pixels=2**62)
-    except InvalidInput:
-        return "application/octet-stream"
+from deployments.core.errors import NotFound
+from deployments.core.images import EXTENSIONS, sniff_content_type
 
 
 class MediaStore:
@@ -63,7 +29,8 @@ class MediaStore:
         return ref
 
     def get(self, ref: str) -> tuple[bytes, str]:
-        """Photo bytes and content type for a ref; NotFound if absent."""
+        """Photo bytes and content type for a ref (by its extension, which `put` chose from
+        the bytes: a phone's MPO JPEG is `.jpg`, served as image/jpeg); NotFound if absent."""
         path = (self.root / ref).resolve()
         if not ref or self.root.resolve() not in path.parents or not path.is_file():
             raise NotFound(f"no stored image {ref!r}")

@@ -3,40 +3,97 @@
 from __future__ import annotations
 
 import hashlib
-from typing import Any
+import math
+from typing import Annotated, Any
 
-from pydantic import BaseModel, Field, field_validator
+from pydantic import AfterValidator, BaseModel, Field, field_validator
+from pydantic_core import PydanticCustomError
 
 # Typed scalar attributes (filterable fields in Milvus); everything else goes to `attributes`.
 STRING_FIELDS = (
     "category", "subcategory", "article_type", "colour", "size", "gender", "season", "usage",
 )
 ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,63}$"
+# The longest value of each stored string field, in characters: the one list of string limits.
+# The store sizes each VARCHAR (whose max_length a Milvus server counts in UTF-8 bytes) at
+# UTF8_MAX_BYTES times this, so every value accepted here is stored, on Milvus Lite and servers.
+STRING_LIMITS = {"id": 64, "title": 500, **dict.fromkeys(STRING_FIELDS, 64), "image_ref": 256,
+                 "image_hash": 64, "fingerprint": 64}
+UTF8_MAX_BYTES = 4
+# Prices are stored exactly (a DOUBLE) and read back as sent; the range a price may take:
+PRICE_MAX = 1e12
+INT64 = (-(2**63), 2**63 - 1)  # what Milvus JSON holds for an integer attribute
+
+
+def check_price(value: float | None) -> float | None:
+    """A price (or price filter bound) as stored: finite, 0 <= value <= PRICE_MAX, -0 as 0."""
+    if value is None:
+        return None
+    if not math.isfinite(value) or not 0 <= value <= PRICE_MAX:
+        raise PydanticCustomError(
+            "price_range", "must be a finite number from 0 to {max} (got {value})",
+            {"max": f"{PRICE_MAX:.0f}", "value": repr(value)})
+    return value + 0.0  # -0.0 -> 0.0
+
+
+Price = Annotated[float, AfterValidator(check_price)]
+PRICE_SCHEMA = {"minimum": 0, "maximum": PRICE_MAX}
+
+
+def _check_json_numbers(value: Any, where: str) -> None:
+    """Every number inside a JSON attribute value is one Milvus JSON can hold."""
+    if isinstance(value, bool) or value is None or isinstance(value, str):
+        return
+    if isinstance(value, int):
+        if not INT64[0] <= value <= INT64[1]:
+            raise PydanticCustomError("number_range", "{where}: integers must be within 64 bits",
+                                      {"where": where})
+    elif isinstance(value, float):
+        if not math.isfinite(value):
+            raise PydanticCustomError("number_range", "{where}: numbers must be finite",
+                                      {"where": where})
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            _check_json_numbers(item, f"{where}.{key}")
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            _check_json_numbers(item, f"{where}[{i}]")
 
 
 class Product(BaseModel):
     """A catalogue product as stored and returned (without its vectors)."""
 
     id: str = Field(pattern=ID_PATTERN, description="Shop's product id (letters, digits, ._:-)")
-    title: str = Field(min_length=1, max_length=500)
-    category: str = Field("", max_length=64)
-    subcategory: str = Field("", max_length=64)
-    article_type: str = Field("", max_length=64)
-    colour: str = Field("", max_length=64)
-    size: str = Field("", max_length=64)
-    gender: str = Field("", max_length=64)
-    season: str = Field("", max_length=64)
-    usage: str = Field("", max_length=64)
-    price: float | None = Field(None, ge=0)
+    title: str = Field(min_length=1, max_length=STRING_LIMITS["title"])
+    category: str = Field("", max_length=STRING_LIMITS["category"])
+    subcategory: str = Field("", max_length=STRING_LIMITS["subcategory"])
+    article_type: str = Field("", max_length=STRING_LIMITS["article_type"])
+    colour: str = Field("", max_length=STRING_LIMITS["colour"])
+    size: str = Field("", max_length=STRING_LIMITS["size"])
+    gender: str = Field("", max_length=STRING_LIMITS["gender"])
+    season: str = Field("", max_length=STRING_LIMITS["season"])
+    usage: str = Field("", max_length=STRING_LIMITS["usage"])
+    price: Price | None = Field(None, json_schema_extra=PRICE_SCHEMA,
+                                description=f"Stored exactly; 0 to {PRICE_MAX:.0f}")
     attributes: dict[str, Any] = Field(default_factory=dict)
-    image_ref: str = Field("", max_length=256, description="Key of the stored photo")
-    image_hash: str = Field("", max_length=64, description="SHA-256 of the photo bytes")
-    fingerprint: str = Field("", max_length=64, description="Hash of photo + fields (re-index)")
+    image_ref: str = Field("", max_length=STRING_LIMITS["image_ref"],
+                           description="Key of the stored photo")
+    image_hash: str = Field("", max_length=STRING_LIMITS["image_hash"],
+                            description="SHA-256 of the photo bytes")
+    fingerprint: str = Field("", max_length=STRING_LIMITS["fingerprint"],
+                             description="Hash of photo + fields (re-index)")
 
     @field_validator("title", *STRING_FIELDS, mode="before")
     @classmethod
     def _strip(cls, value: Any) -> Any:
         return value.strip() if isinstance(value, str) else value
+
+    @field_validator("attributes")
+    @classmethod
+    def _attribute_numbers(cls, value: dict[str, Any]) -> dict[str, Any]:
+        for name, item in value.items():
+            _check_json_numbers(item, name)
+        return value
 
     def embedding_text(self) -> str:
         """The text the text encoder embeds for this product."""

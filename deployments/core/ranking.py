@@ -64,10 +64,13 @@ class Candidate:
 
 @dataclass
 class QuerySignals:
-    """What is known of the query photo: its colour descriptor and inferred attributes."""
+    """What is known of the query photo: its colour descriptor and inferred attributes.
+    `appearance`, for a photo without colour information (no descriptor), is per candidate (in
+    the candidates' order) how alike their photos look in grey; it then fills the colour slot."""
 
     colour: np.ndarray | None
     attributes: dict[str, dict[str, float]] = field(default_factory=dict)
+    appearance: np.ndarray | None = None
 
 
 @dataclass(frozen=True)
@@ -83,7 +86,8 @@ class Weights:
 
 
 def colour_scores(colour: np.ndarray | None, candidates: Sequence[Candidate]) -> np.ndarray:
-    """`colour_similarity` of the query to every candidate, in one matrix product."""
+    """`colour_similarity` of the query descriptor ((COLOUR_DIMS,) float32, unit length, or
+    None) to every candidate: (len(candidates),) float64 in 0..1, 0 where either is missing."""
     scores = np.zeros(len(candidates))
     present = [i for i, c in enumerate(candidates) if c.colour is not None]
     if colour is not None and present:
@@ -98,7 +102,10 @@ def query_signals(
 ) -> QuerySignals:
     """Infer the query's article type from the candidates nearest by image vector and its
     colour from the candidates nearest by colour descriptor (the caller has left the query's
-    own product and copies of its photo out of the candidates)."""
+    own product and copies of its photo out of the candidates). Without a descriptor (None or
+    all zero: a photo with no colour information) colour gets no vote and no similarity."""
+    if colour is not None and not np.any(colour):
+        colour = None
     labels = [c.labels for c in candidates]
     attributes = infer_attributes(labels, [c.visual for c in candidates], ("article_type",),
                                   k, temperature)
@@ -109,12 +116,14 @@ def query_signals(
 
 
 def signal_matrix(candidates: Sequence[Candidate], query: QuerySignals) -> np.ndarray:
-    """One row per candidate: visual, colour, article_type, colour_label (the Weights order)."""
+    """(len(candidates), 4) float64, one row per candidate: visual, colour, article_type,
+    colour_label (the Weights order)."""
     types = query.attributes.get("article_type", {})
     colours = query.attributes.get("colour", {})
     matrix = np.zeros((len(candidates), 4))
     matrix[:, 0] = [c.visual for c in candidates]
-    matrix[:, 1] = colour_scores(query.colour, candidates)
+    matrix[:, 1] = (colour_scores(query.colour, candidates) if query.appearance is None
+                    else query.appearance)
     matrix[:, 2] = [types.get(c.labels.get("article_type", ""), 0.0) for c in candidates]
     matrix[:, 3] = [colours.get(c.labels.get("colour", ""), 0.0) for c in candidates]
     return matrix

@@ -17,9 +17,11 @@ from typing import Any
 
 import numpy as np
 
+from deployments.core.colour import LAYOUT_SIDE, grey_layout, layout_similarity
 from deployments.core.encoders import ImageFeatures
-from deployments.core.errors import NotFound
+from deployments.core.errors import InvalidInput, NotFound
 from deployments.core.filters import Filters
+from deployments.core.images import decode_image
 from deployments.core.media import MediaStore
 from deployments.core.products import STRING_FIELDS, Product
 from deployments.core.query import AttributeVocabulary
@@ -31,6 +33,7 @@ from deployments.core.writes import write_products
 log = logging.getLogger(__name__)
 FLUSH_EVERY_ROWS = 1000  # Milvus Lite searches unflushed rows by brute force (store.flush)
 MAX_VALUES = 1000  # values per field kept in the vocabulary (most common first)
+GREY_CANDIDATES = 50  # a photo without colour: candidates whose stored photos are compared in grey
 
 
 @dataclass(frozen=True)
@@ -126,12 +129,32 @@ class Searcher:
                  exclude_ids: Sequence[str] = (), extra_filter: str = "",
                  explain: bool = False) -> list[Hit]:
         """Products that look like a photo: the nearest `ranking.candidates` by image vector,
-        re-ranked by colour similarity and the article type and colour inferred from them."""
+        re-ranked by colour similarity and the article type and colour inferred from them (a
+        photo without colour information, e.g. a greyscale file, votes on type only)."""
         if not self.ranking.enabled:
             return self.nearest("image", features.vector, k, filters, exclude_ids, extra_filter)
         pool = self.store.search(features.vector, "image", max(k, self.ranking.candidates),
                                  self.expression(filters, extra_filter), exclude_ids, True)
-        return rerank_hits(pool, features.colour, k, self.weights, explain)
+        if features.has_colour:
+            return rerank_hits(pool, features.colour, k, self.weights, explain)
+        return rerank_hits(pool, None, k, self.weights, explain,
+                           self.grey_appearance(pool, features.layout))
+
+    def grey_appearance(self, pool: Sequence[Hit], layout: np.ndarray | None) -> np.ndarray:
+        """For a query photo without colour: how alike each of the GREY_CANDIDATES nearest
+        candidates' stored photos looks to it in grey (colour.layout_similarity; 0 for the
+        rest), read from the photo store (JPEGs decoded at reduced size)."""
+        scores = np.zeros(len(pool))
+        if layout is None:
+            return scores
+        for i, hit in enumerate(pool[:GREY_CANDIDATES]):
+            try:
+                data, _ = self.media.get(hit.product.image_ref)
+                photo = decode_image(data, draft=(4 * LAYOUT_SIDE, 4 * LAYOUT_SIDE))
+            except (NotFound, InvalidInput):
+                continue
+            scores[i] = layout_similarity(layout, grey_layout(photo))
+        return scores
 
     def by_text(self, vector: np.ndarray, text: str, k: int, filters: Filters | None = None,
                 explain: bool = False) -> list[Hit]:
@@ -160,9 +183,14 @@ class Searcher:
                filters: Filters | None = None, ranker: str = "rrf",
                image_weight: float = 0.5) -> list[Hit]:
         """Top-k products by photo and text similarity fused by Milvus hybrid search (RRF or
-        weighted): the one fusion of photo + description, for the API and the page."""
+        weighted): the one fusion of photo + description, for the API and the page. Each
+        list is max(k, ranking.hybrid_depth) deep: fusing much deeper lists lets products
+        middling at both outrank the best match of either (on the demo catalogue, at depth 50 a
+        photo's own product left the top 12 for "dress"), while k = 5 deep leaves too few
+        products found by both for "black dress" (tests/test_service.py)."""
         return self.store.hybrid_search(features.vector, text_vector, k,
-                                        self.expression(filters), ranker, image_weight)
+                                        self.expression(filters), ranker, image_weight,
+                                        candidates=max(k, self.ranking.hybrid_depth))
 
     def similar(self, product_id: str, k: int, filters: Filters | None = None,
                 explain: bool = False) -> list[Hit]:
@@ -187,9 +215,13 @@ class Searcher:
 
     # -- catalogue -----------------------------------------------------------------------
     def attributes(self) -> dict[str, dict[str, int]]:
-        """Each filterable field's values with counts (as of the last vocabulary refresh, plus
-        values written since)."""
-        return self.vocabulary.snapshot.counts
+        """Each filter's values with counts (as of the last vocabulary refresh, plus values
+        written since), keyed by the name a query string filters by: every typed field
+        (STRING_FIELDS, even when empty) by its name, JSON attributes as `attr.<name>`."""
+        counts = self.vocabulary.snapshot.counts
+        return {**{name: counts.get(name, {}) for name in STRING_FIELDS},
+                **{f"attr.{name}": values for name, values in counts.items()
+                   if name not in STRING_FIELDS}}
 
     def get(self, product_id: str) -> Product:
         """One product; NotFound if absent."""
@@ -236,13 +268,15 @@ class Searcher:
 
 
 def rerank_hits(pool: list[Hit], colour: np.ndarray | None, k: int, weights: Weights,
-                explain: bool) -> list[Hit]:
+                explain: bool, appearance: np.ndarray | None = None) -> list[Hit]:
     """The k best of a pool of vector hits by the ranking signals (deployments.core.ranking);
-    each keeps its visual cosine as `score`, with per-signal scores when `explain`."""
+    each keeps its visual cosine as `score`, with per-signal scores when `explain`.
+    `appearance` (a query photo without colour): per hit, its grey likeness, in colour's place."""
     candidates = [Candidate(h.product.id, h.score, {"article_type": h.product.article_type,
                                                      "colour": h.product.colour}, h.colour, h)
                   for h in pool]
     query = query_signals(candidates, colour)
+    query.appearance = appearance
     hits = []
     for candidate, signals in rerank(candidates, query, weights)[:k]:
         hit = Hit(candidate.item.product, candidate.item.score)
@@ -250,6 +284,8 @@ def rerank_hits(pool: list[Hit], colour: np.ndarray | None, k: int, weights: Wei
             hit.signals = {**signals, "inferred": {
                 field: max(probs, key=probs.get) for field, probs in query.attributes.items()
                 if probs}}
+            if appearance is not None:  # the photo has no colour: `colour` is grey likeness
+                hit.signals["photo_has_colour"] = False
         hits.append(hit)
     return hits
 

@@ -4,21 +4,31 @@
 validates it into `AppSettings`. Scripts and the batch job read the same block with
 `load_settings(path)`. Environment variables prefixed `SHOPSEARCH_` (nested with `__`, e.g.
 `SHOPSEARCH_MILVUS__URI`, `SHOPSEARCH_MILVUS__TOKEN`) fill in what the file leaves out, which is how
-cluster deployments pass credentials.
+cluster deployments pass credentials. The API keys that authorise writes also come from
+`SHOPSEARCH_API_KEYS` (comma-separated; read explicitly, see `api_keys_from_env`).
 """
 
 from __future__ import annotations
 
 import math
+import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, Field, model_validator
+from pydantic import BaseModel, Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 Device = Literal["auto", "cpu", "cuda"]
 DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "config.yaml"
+API_KEYS_ENV = "SHOPSEARCH_API_KEYS"
+
+
+def api_keys_from_env(environ: Mapping[str, str] | None = None) -> list[str]:
+    """The write keys in `SHOPSEARCH_API_KEYS`: comma-separated, blanks and repeats dropped."""
+    value = (os.environ if environ is None else environ).get(API_KEYS_ENV, "")
+    return list(dict.fromkeys(k.strip() for k in value.split(",") if k.strip()))
 
 
 class ImageModelSettings(BaseModel):
@@ -105,6 +115,11 @@ class LimitSettings(BaseModel):
     """Bounds on user input."""
 
     max_upload_bytes: int = Field(10 * 1024 * 1024, ge=1024)
+    # Request bodies are cut off at these sizes before they are read (serve_app.http.BodyLimit):
+    # multipart bodies at max_upload_bytes + max_form_overhead_bytes, any other body at
+    # max_json_bytes.
+    max_form_overhead_bytes: int = Field(64 * 1024, ge=1024)
+    max_json_bytes: int = Field(64 * 1024, ge=1024)
     max_image_pixels: int = Field(40_000_000, ge=1024)
     max_text_chars: int = Field(1000, ge=1)
     max_k: int = Field(100, ge=1)
@@ -130,6 +145,35 @@ class RankingSettings(BaseModel):
     article_type_weight: float = Field(1.0, ge=0)
     colour_label_weight: float = Field(1.0, ge=0)
     text_attributes: bool = Field(True, description="attribute words in text queries filter")
+    hybrid_depth: int = Field(10, ge=1, le=1000, description="each list fused by hybrid search "
+                              "is at least this deep (and at least k)")
+
+
+class AuthSettings(BaseModel):
+    """Who may change the catalogue (serve_app.auth). Search is always public."""
+
+    # Bearer keys that authorise writes; SHOPSEARCH_API_KEYS (comma-separated) adds to them.
+    # Two keys at once let clients roll over to a new key before the old one is removed.
+    api_keys: list[SecretStr] = Field(default_factory=list)
+    # True: every write route answers 403, whatever the key (a public read-only service).
+    read_only: bool = False
+    # With no key configured, the ingress creates a random admin key here (mode 0600) on first
+    # start and reuses it afterwards.
+    key_file: str = "./data/admin_key"
+
+    @model_validator(mode="after")
+    def _check(self) -> AuthSettings:
+        if any(not k.get_secret_value().strip() or "," in k.get_secret_value()
+               for k in self.api_keys):
+            raise ValueError("auth.api_keys: keys must be non-empty and contain no comma")
+        return self
+
+
+class HTTPSettings(BaseModel):
+    """Browser-facing HTTP behaviour."""
+
+    # Origins allowed to call the API from a browser (CORS); empty: no CORS headers at all.
+    cors_origins: list[str] = Field(default_factory=list)
 
 
 class DemoSettings(BaseModel):
@@ -160,6 +204,8 @@ class AppSettings(BaseSettings):
     resilience: ResilienceSettings = Field(default_factory=ResilienceSettings)
     ranking: RankingSettings = Field(default_factory=RankingSettings)
     demo: DemoSettings = Field(default_factory=DemoSettings)
+    auth: AuthSettings = Field(default_factory=AuthSettings)
+    http: HTTPSettings = Field(default_factory=HTTPSettings)
     media_dir: str = "./data/media"
 
     @model_validator(mode="after")
@@ -171,6 +217,12 @@ class AppSettings(BaseSettings):
                 raise ValueError(f"{name}_encoder.max_ongoing_requests must be >= max_batch_size")
         if self.milvus.is_lite and self.search.max_replicas > 1:
             raise ValueError("Milvus Lite allows one process per data dir: search.max_replicas=1")
+        # SHOPSEARCH_API_KEYS is not a field (pydantic-settings would want JSON for a list); it
+        # adds its comma-separated keys to auth.api_keys.
+        known = {k.get_secret_value() for k in self.auth.api_keys}
+        extra = [SecretStr(k) for k in api_keys_from_env() if k not in known]
+        if extra:
+            self.auth = self.auth.model_copy(update={"api_keys": [*self.auth.api_keys, *extra]})
         return self
 
 

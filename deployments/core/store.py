@@ -30,7 +30,7 @@ from pymilvus import (
 from deployments.core.colour import COLOUR_DIMS
 from deployments.core.errors import BackendUnavailable, IncompatibleStore, InvalidInput
 from deployments.core.filters import Filters
-from deployments.core.products import STRING_FIELDS, Product
+from deployments.core.products import STRING_FIELDS, STRING_LIMITS, UTF8_MAX_BYTES, Product
 from deployments.core.settings import MilvusSettings
 
 log = logging.getLogger(__name__)
@@ -40,7 +40,14 @@ VECTOR_FIELDS = {"image": "image_vector", "text": "text_vector"}
 SCALAR_FIELDS = (
     "id", "title", *STRING_FIELDS, "price", "attributes", "image_ref", "image_hash", "fingerprint",
 )
-STRING_MAX = {"id": 64, "title": 512, "image_ref": 256, "image_hash": 64, "fingerprint": 64}
+# VARCHAR max_length counts UTF-8 bytes on a Milvus server (Milvus Lite counts characters):
+# room for the longest value Product accepts (STRING_LIMITS, in characters) in any script.
+VARCHAR_BYTES = {name: chars * UTF8_MAX_BYTES for name, chars in STRING_LIMITS.items()}
+# Scalar field types of the schema (prices DOUBLE: read back exactly as sent).
+SCALAR_TYPES = {name: DataType.VARCHAR for name in VARCHAR_BYTES} | {
+    "price": DataType.DOUBLE, "attributes": DataType.JSON}
+REBUILD = ("rebuild it: `python -m batch_index drop` (same --milvus-uri / --collection), then "
+           "index the catalogue again with `python -m batch_index index --catalog ...`")
 
 
 COLOUR_FIELD = "colour_vector"
@@ -149,24 +156,25 @@ class ProductStore:
     # -- collection lifecycle -------------------------------------------------------------
     @_backend_errors
     def ensure_collection(self, image_dim: int, text_dim: int) -> None:
-        """Create the collection (schema, indexes, shards) if missing, check dims, load it."""
+        """Create the collection (schema, indexes, shards) if missing, else check that its
+        schema is this version's (IncompatibleStore names the rebuild command); load it."""
         if self._client.has_collection(self.collection):
-            self._check_dims(image_dim, text_dim)
+            self._check_schema(image_dim, text_dim)
         else:
             self._create(image_dim, text_dim)
         self._client.load_collection(self.collection, replica_number=self.settings.replica_number)
 
     def _create(self, image_dim: int, text_dim: int) -> None:
         schema = self._client.create_schema(auto_id=False, enable_dynamic_field=False)
-        schema.add_field("id", DataType.VARCHAR, is_primary=True, max_length=STRING_MAX["id"])
-        schema.add_field("title", DataType.VARCHAR, max_length=STRING_MAX["title"])
+        schema.add_field("id", DataType.VARCHAR, is_primary=True, max_length=VARCHAR_BYTES["id"])
+        schema.add_field("title", DataType.VARCHAR, max_length=VARCHAR_BYTES["title"])
         for name in STRING_FIELDS:
-            schema.add_field(name, DataType.VARCHAR, max_length=64, default_value="")
-        schema.add_field("price", DataType.FLOAT, nullable=True)
+            schema.add_field(name, DataType.VARCHAR, max_length=VARCHAR_BYTES[name],
+                             default_value="")
+        schema.add_field("price", DataType.DOUBLE, nullable=True)
         schema.add_field("attributes", DataType.JSON)
-        schema.add_field("image_ref", DataType.VARCHAR, max_length=STRING_MAX["image_ref"])
-        schema.add_field("image_hash", DataType.VARCHAR, max_length=STRING_MAX["image_hash"])
-        schema.add_field("fingerprint", DataType.VARCHAR, max_length=STRING_MAX["fingerprint"])
+        for name in ("image_ref", "image_hash", "fingerprint"):
+            schema.add_field(name, DataType.VARCHAR, max_length=VARCHAR_BYTES[name])
         schema.add_field("image_vector", DataType.FLOAT_VECTOR, dim=image_dim)
         schema.add_field("text_vector", DataType.FLOAT_VECTOR, dim=text_dim)
         schema.add_field(COLOUR_FIELD, DataType.FLOAT_VECTOR, dim=COLOUR_DIMS)
@@ -186,13 +194,30 @@ class ProductStore:
         log.info("created collection %s (image %d-d, text %d-d, %s %s)", self.collection,
                  image_dim, text_dim, self.settings.index_type, self.settings.metric)
 
-    def _check_dims(self, image_dim: int, text_dim: int) -> None:
+    def _check_schema(self, image_dim: int, text_dim: int) -> None:
         fields = self._client.describe_collection(self.collection)["fields"]
         missing = {*SCALAR_FIELDS, COLOUR_FIELD} - {f["name"] for f in fields}
         if missing:
             raise IncompatibleStore(
                 f"collection {self.collection!r} lacks fields {sorted(missing)} (made by an older "
-                "version): drop it (`python -m batch_index drop`) and index again",
+                f"version); {REBUILD}",
+            )
+        # An earlier schema kept prices as FLOAT (19.99 read back as 19.989999771118164) and
+        # sized VARCHARs in characters: serving from it would give wrong answers.
+        wrong = []
+        for field in fields:
+            name, kind = field["name"], DataType(field["type"])
+            expected = SCALAR_TYPES.get(name)
+            if expected is not None and kind != expected:
+                wrong.append(f"{name} is {kind.name}, not {expected.name}")
+            elif expected == DataType.VARCHAR:
+                size = int(field.get("params", {}).get("max_length", 0))
+                if size < VARCHAR_BYTES[name]:
+                    wrong.append(f"{name} holds {size} bytes, not {VARCHAR_BYTES[name]}")
+        if wrong:
+            raise IncompatibleStore(
+                f"collection {self.collection!r} was made by an earlier schema "
+                f"({'; '.join(wrong)}); {REBUILD}",
             )
         dims = {f["name"]: f.get("params", {}).get("dim") for f in fields}
         expected = {"image_vector": image_dim, "text_vector": text_dim}
@@ -230,8 +255,10 @@ class ProductStore:
         self, products: Sequence[Product], image_vectors: np.ndarray, text_vectors: np.ndarray,
         colour_vectors: np.ndarray | None = None,
     ) -> int:
-        """Insert or replace products by id with their vectors; returns rows written.
-        Without colour descriptors, products simply get no colour signal in re-ranking."""
+        """Insert or replace products by id with their vectors (image (n, image_dim), text
+        (n, text_dim) float32, L2-normalised; colour (n, COLOUR_DIMS) float32); returns rows
+        written. Without colour descriptors, products simply get no colour signal in
+        re-ranking. ValueError when the lengths differ; BackendUnavailable when Milvus fails."""
         if colour_vectors is None:
             colour_vectors = np.zeros((len(products), COLOUR_DIMS), dtype=np.float32)
         if not (len(products) == len(image_vectors) == len(text_vectors) == len(colour_vectors)):
@@ -280,7 +307,8 @@ class ProductStore:
 
     @_backend_errors
     def get_vectors(self, product_id: str) -> dict[str, np.ndarray] | None:
-        """The stored image and text vectors of one product, or None."""
+        """The stored vectors of one product, or None: `image` (image_dim,), `text`
+        (text_dim,) and `colour` (COLOUR_DIMS,), float32 (colour all zero when none)."""
         rows = self._client.query(
             self.collection, filter=expr_in("id", [product_id]),
             output_fields=[*VECTOR_FIELDS.values(), COLOUR_FIELD], consistency_level="Strong",
@@ -356,20 +384,36 @@ class ProductStore:
         exclude_ids: Sequence[str] = (),
         with_colour: bool = False,
     ) -> list[Hit]:
-        """The k products whose `field` vector is most similar to `vector`, best first
-        (`with_colour`: also return their colour descriptors, for re-ranking)."""
+        """The k products whose `field` vector is most similar to `vector` ((dim,) float32,
+        L2-normalised), best first (`with_colour`: also return their colour descriptors, for
+        re-ranking). BackendUnavailable when Milvus fails."""
+        vectors = np.asarray(vector, dtype=np.float32)[None]
+        return self.search_batch(vectors, field, k, filter, exclude_ids, with_colour)[0]
+
+    @_backend_errors
+    def search_batch(
+        self,
+        vectors: np.ndarray,
+        field: VectorField,
+        k: int,
+        filter: str = "",
+        exclude_ids: Sequence[str] = (),
+        with_colour: bool = False,
+    ) -> list[list[Hit]]:
+        """`search` for each row of `vectors` ((n, dim) float32, L2-normalised) in one call."""
         clauses = [f"({filter})" if filter else "", f"not ({expr_in('id', exclude_ids)})"
                    if exclude_ids else ""]
         expr = " and ".join(c for c in clauses if c)
         fields = [*SCALAR_FIELDS, COLOUR_FIELD] if with_colour else list(SCALAR_FIELDS)
         result = self._client.search(
-            self.collection, data=[np.asarray(vector, dtype=np.float32).tolist()],
+            self.collection, data=np.asarray(vectors, dtype=np.float32).tolist(),
             anns_field=VECTOR_FIELDS[field], limit=k, filter=expr, output_fields=fields,
             search_params={"metric_type": self.settings.metric,
                            "params": self.settings.search_params}, **self._read,
         )
-        return [Hit(self._product(h["entity"]), float(h["distance"]),
-                    _colour(h["entity"]) if with_colour else None) for h in result[0]]
+        return [[Hit(self._product(h["entity"]), float(h["distance"]),
+                     _colour(h["entity"]) if with_colour else None) for h in row]
+                for row in result]
 
     @_backend_errors
     def hybrid_search(
@@ -377,7 +421,8 @@ class ProductStore:
         ranker: Literal["rrf", "weighted"] = "rrf", image_weight: float = 0.5,
         candidates: int = 100,
     ) -> list[Hit]:
-        """Fuse an image-vector and a text-vector search (RRF or weighted scores), best first."""
+        """Fuse an image-vector and a text-vector search ((image_dim,) and (text_dim,) float32,
+        L2-normalised) by RRF or weighted scores, best first; `score` is the fused score."""
         params = {"metric_type": self.settings.metric, "params": self.settings.search_params}
         requests = [
             AnnSearchRequest([np.asarray(v, np.float32).tolist()], VECTOR_FIELDS[field], params,

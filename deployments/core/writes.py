@@ -16,7 +16,7 @@ from deployments.core.store import ProductStore
 
 
 def stamp(product: Product, image: bytes) -> Product:
-    """The product with its photo hash and content fingerprint filled in."""
+    """The product with its photo hash (SHA-256 of `image`) and content fingerprint filled in."""
     stamped = product.model_copy(update={"image_hash": image_hash(image)})
     return stamped.model_copy(update={"fingerprint": stamped.content_fingerprint()})
 
@@ -24,13 +24,19 @@ def stamp(product: Product, image: bytes) -> Product:
 def write_products(
     store: ProductStore, media: MediaStore, products: Sequence[Product],
     images: Sequence[bytes], image_vectors: np.ndarray, text_vectors: np.ndarray,
-    colour_vectors: np.ndarray | None = None,
+    colour_vectors: np.ndarray | None = None, stamped: bool = False,
 ) -> list[Product]:
-    """Store photos and upsert products (by id) with their vectors; returns what was stored."""
+    """Store photos and upsert products (by id) with their vectors: image (n, image_dim) and
+    text (n, text_dim) float32, L2-normalised; colour (n, COLOUR_DIMS) float32 or None. Row i
+    of each belongs to products[i] and images[i]. `stamped`: the products already carry
+    `stamp(product, image)` of these very images (the batch job stamps where it reads the
+    photo), so they are not hashed again. Returns the products as stored. ValueError when the
+    lengths differ; BackendUnavailable when Milvus fails."""
     stored = []
     for product, image in zip(products, images, strict=True):
-        stamped = stamp(product, image)
-        ref = media.put(image, stamped.image_hash)
-        stored.append(stamped.model_copy(update={"image_ref": ref}))
+        if not stamped:
+            product = stamp(product, image)
+        ref = media.put(image, product.image_hash)
+        stored.append(product.model_copy(update={"image_ref": ref}))
     store.upsert(stored, image_vectors, text_vectors, colour_vectors)
     return stored

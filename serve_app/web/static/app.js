@@ -1,23 +1,19 @@
 /* The shopper's page: search by photo, description or both; filters; "more like this".
  *
  * Plain browser JavaScript, no build step and no dependencies. Read top-down:
- *   1. the API calls (one function per route; `searchPhotoAndText` is the one to swap for a
- *      hybrid endpoint),
+ *   1. the API calls (one function per route; photo + description is the server's hybrid
+ *      `POST /search`, the one fusion),
  *   2. filters <-> query parameters / JSON body,
  *   3. running a search (busy indicator, errors, history / shareable URL),
  *   4. rendering results,
- *   5. the form: photo pick / drop / paste, filter menus from GET /attributes, events.
+ *   5. the form: photo pick / drop / paste, filter menus from GET /attributes (whose keys
+ *      are the filter names; the page keeps no field list of its own), events.
  */
 "use strict";
 
 (() => {
-  const STRING_FIELDS = ["category", "subcategory", "article_type", "colour", "size", "gender",
-    "season", "usage"];
-  const MAIN_FILTERS = ["category", "article_type", "colour", "gender", "size"];
-  const LABELS = {
-    category: "Category", subcategory: "Subcategory", article_type: "Article type",
-    colour: "Colour", size: "Size", gender: "Gender", season: "Season", usage: "Usage",
-  };
+  const MAIN_FILTERS = ["category", "article_type", "colour", "gender", "size"];  // shown first
+  const PAGE_PARAMS = ["q", "k", "similar"];  // the page's own URL parameters, not filters
   const BUSY_MESSAGE = "The search service is busy or restarting, try again in a moment.";
   const TIMEOUT_MS = 30000;
   const DEFAULT_K = 12;
@@ -40,6 +36,7 @@
     lastSpec: null,     // the last search run (re-run when filters change)
     seq: 0,             // increments per search; answers of superseded searches are dropped
     controller: null,   // aborts the search in flight when a newer one starts
+    filterNames: null,  // Set of the filter names GET /attributes gave (null until loaded)
     searches: 0,        // completed searches (exposed for tests as data-search-count)
   };
 
@@ -90,27 +87,15 @@
       method: "POST", signal, headers: { "content-type": "application/json", accept: "application/json" },
       body: JSON.stringify({ query, k, filters: filterBody(filters) }),
     }),
+    /* Photo and description together: the server fuses both searches (Milvus hybrid search,
+     * reciprocal rank), so the page and the API rank alike. */
+    hybrid(file, query, k, filters, signal) {
+      const form = new FormData();
+      form.append("image", file, file.name || "photo");
+      form.append("query", query);
+      return request(`/search?${queryParams(k, filters)}`, { method: "POST", body: form, signal });
+    },
   };
-
-  /* Photo and description together. Today: both searches, fused by reciprocal rank (products
-   * found by both come first; ties keep the photo's order). When a hybrid `POST /search` lands,
-   * replace the body of this one function with that call. */
-  async function searchPhotoAndText(file, query, k, filters, signal) {
-    const [byPhoto, byText] = await Promise.all([
-      api.image(file, k, filters, signal), api.text(query, k, filters, signal),
-    ]);
-    const fused = new Map();
-    const add = (results, key, weight) => results.forEach((item, rank) => {
-      const entry = fused.get(item.id) || { ...item, score: null, scores: {}, rrf: 0 };
-      entry.scores[key] = item.score;
-      entry.rrf += weight / (60 + rank);
-      fused.set(item.id, entry);
-    });
-    add(byPhoto.results, "photo", 1.0001);  // the tiny bias breaks ties towards the photo
-    add(byText.results, "text", 1);
-    const results = [...fused.values()].sort((a, b) => b.rrf - a.rrf).slice(0, k);
-    return { results, took_ms: Math.max(byPhoto.took_ms, byText.took_ms) };
-  }
 
   // 2. Filters: a list of [param, value] pairs, as in the page's URL ------------------------
 
@@ -120,7 +105,7 @@
     return params.toString();
   }
 
-  /* The same filters as /search/text's JSON body (mirrors deployments/filters.py). */
+  /* The same filters as /search/text's JSON body (mirrors deployments/core/filters.py). */
   function filterBody(filters) {
     const body = {};
     for (const [name, value] of filters) {
@@ -143,14 +128,15 @@
     return value.trim() !== "" && Number.isFinite(number) ? [value, number] : [value];
   }
 
+  /* A URL parameter that filters: a name GET /attributes gave, any `attr.<name>`, a price
+   * bound; before (or without) the attribute list, anything but the page's own parameters. */
   function isFilterParam(name) {
-    return STRING_FIELDS.includes(name) || name.startsWith("attr.")
-      || name === "price_min" || name === "price_max";
+    if (name.startsWith("attr.") || name === "price_min" || name === "price_max") return true;
+    return state.filterNames ? state.filterNames.has(name) : !PAGE_PARAMS.includes(name);
   }
 
   function labelOf(param) {
     const name = param.startsWith("attr.") ? param.slice(5) : param;
-    if (LABELS[name]) return LABELS[name];
     const words = name.replace(/_/g, " ");
     return words.charAt(0).toUpperCase() + words.slice(1);
   }
@@ -212,7 +198,7 @@
       case "photo":
         return api.image(spec.photo, spec.k, spec.filters, signal);
       case "both":
-        return searchPhotoAndText(spec.photo, spec.text, spec.k, spec.filters, signal);
+        return api.hybrid(spec.photo, spec.text, spec.k, spec.filters, signal);
       default:
         throw new Error(`unknown search mode ${spec.mode}`);
     }
@@ -380,11 +366,11 @@
     }
     const score = element("span", "result-score");
     score.title = "Similarity (cosine): 1 is identical";
-    if (item.scores) {
-      const parts = [];
-      if ("photo" in item.scores) parts.push(`photo ${formatScore(item.scores.photo)}`);
-      if ("text" in item.scores) parts.push(`text ${formatScore(item.scores.text)}`);
-      score.textContent = parts.join(" · ");
+    if (spec.mode === "both") {
+      score.title = "Photo and description fused by rank (reciprocal rank fusion): higher is "
+        + "closer to both";
+      score.textContent = `photo + text ${typeof item.score === "number"
+        ? item.score.toFixed(3) : "–"}`;
     } else {
       score.textContent = `score ${formatScore(item.score)}`;
     }
@@ -532,13 +518,14 @@
 
   async function loadAttributes() {
     try {
-      const fields = await api.attributes();
+      const fields = await api.attributes();  // filter name -> {value: count}
+      state.filterNames = new Set(Object.keys(fields));
       for (const param of MAIN_FILTERS) {
-        if (fields[param]) ensureSelect(param, fields[param]);
+        if (fields[param] && Object.keys(fields[param]).length) ensureSelect(param, fields[param]);
       }
-      for (const [name, values] of Object.entries(fields)) {
-        if (MAIN_FILTERS.includes(name) || Object.keys(values).length < 2) continue;
-        ensureSelect(STRING_FIELDS.includes(name) ? name : `attr.${name}`, values);
+      for (const [param, values] of Object.entries(fields)) {
+        if (MAIN_FILTERS.includes(param) || Object.keys(values).length < 2) continue;
+        ensureSelect(param, values);
       }
       els.filters.dataset.loaded = "true";
     } catch (exc) {

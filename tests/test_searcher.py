@@ -1,0 +1,180 @@
+"""The Ray-free Searcher on a real (temporary) Milvus Lite store, with small synthetic vectors."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from deployments.core import searcher as searcher_module
+from deployments.core.colour import COLOUR_DIMS
+from deployments.core.encoders import ImageFeatures
+from deployments.core.errors import NotFound
+from deployments.core.filters import Filters
+from deployments.core.media import MediaStore
+from deployments.core.products import STRING_FIELDS, Product
+from deployments.core.searcher import Searcher
+from deployments.core.settings import MilvusSettings
+from deployments.core.store import ProductStore
+
+IMAGE_DIM, TEXT_DIM = 8, 4
+# id, colour, article type; p0 and p1 share a photo (same bytes, same image hash).
+CATALOGUE = [("p0", "Red", "Tshirts"), ("p1", "Red", "Tshirts"), ("p2", "Blue", "Tshirts"),
+             ("p3", "Blue", "Casual Shoes"), ("p4", "Blue", "Casual Shoes"),
+             ("p5", "Green", "Casual Shoes")]
+
+
+def unit(n: int, dim: int, seed: int) -> np.ndarray:
+    """(n, dim) float32, L2-normalised rows."""
+    v = np.random.default_rng(seed).normal(size=(n, dim)).astype(np.float32)
+    return v / np.linalg.norm(v, axis=1, keepdims=True)
+
+
+def products(rows=CATALOGUE) -> list[Product]:
+    return [Product(id=i, title=f"{c} {t} {i}", colour=c, article_type=t, gender="Men")
+            for i, c, t in rows]
+
+
+def photo(product_id: str) -> bytes:
+    return b"photo of p0" if product_id in ("p0", "p1") else f"photo of {product_id}".encode()
+
+
+def write(searcher: Searcher, items: list[Product], seed: int = 0) -> list[Product]:
+    n = len(items)
+    return searcher.upsert(items, [photo(p.id) for p in items], unit(n, IMAGE_DIM, seed),
+                           unit(n, TEXT_DIM, seed + 1), unit(n, COLOUR_DIMS, seed + 2))
+
+
+@pytest.fixture
+def store(tmp_path):
+    s = ProductStore(MilvusSettings(uri=str(tmp_path / "m.db"), collection="t",
+                                    index_type="FLAT", index_params={}))
+    yield s
+    s.close()
+
+
+@pytest.fixture
+def searcher(store, tmp_path):
+    s = Searcher(store, MediaStore(tmp_path / "media"))
+    s.start(IMAGE_DIM, TEXT_DIM)
+    write(s, products())
+    s.vocabulary.refresh()
+    return s
+
+
+def ids(hits) -> list[str]:
+    return [h.product.id for h in hits]
+
+
+def test_recognised_words_narrow_then_top_up(searcher):
+    query = unit(1, TEXT_DIM, 99)[0]
+    hits = searcher.by_text(query, "red", k=4)
+    assert len(hits) == 4 and len(set(ids(hits))) == 4
+    assert [h.product.colour for h in hits[:2]] == ["Red", "Red"]  # the narrowed search first
+    assert {h.product.colour for h in hits[2:]} <= {"Blue", "Green"}  # topped up, no duplicates
+
+
+def test_enough_narrowed_hits_need_no_top_up(searcher):
+    hits = searcher.by_text(unit(1, TEXT_DIM, 7)[0], "blue", k=3)
+    assert sorted(ids(hits)) == ["p2", "p3", "p4"]
+
+
+def test_explain_names_recognised_values(searcher):
+    hits = searcher.by_text(unit(1, TEXT_DIM, 99)[0], "red t-shirts", k=3, explain=True)
+    recognised = {h.product.id: h.signals["recognised"] for h in hits}
+    assert recognised["p0"] == recognised["p1"] == {"colour": ["Red"], "article_type": ["Tshirts"]}
+    (other,) = set(recognised) - {"p0", "p1"}  # topped up: whichever values it matches
+    tshirt = searcher.get(other).article_type == "Tshirts"
+    expected = {"article_type": ["Tshirts"]} if tshirt else {}
+    assert recognised[other] == expected
+    assert all(h.signals["text"] == h.score for h in hits)
+
+
+def test_a_field_set_by_the_shopper_wins_over_a_recognised_word(searcher):
+    hits = searcher.by_text(unit(1, TEXT_DIM, 3)[0], "red", k=6, filters=Filters(colour=["Blue"]))
+    assert sorted(ids(hits)) == ["p2", "p3", "p4"]
+
+
+def test_similar_leaves_out_the_product_and_copies_of_its_photo(searcher):
+    found = ids(searcher.similar("p0", k=6))
+    assert "p0" not in found and "p1" not in found
+    assert sorted(found) == ["p2", "p3", "p4", "p5"]
+    assert "p1" not in ids(searcher.similar("p0", k=6, explain=True))
+    assert "p0" in ids(searcher.similar("p2", k=6))  # other products keep them
+
+
+def test_a_written_value_is_usable_at_once_without_a_scan(searcher, monkeypatch):
+    scans = []
+    counts = searcher.store.attribute_counts
+    monkeypatch.setattr(searcher.store, "attribute_counts",
+                        lambda *a, **k: scans.append(1) or counts(*a, **k))
+    teal = Product(id="p9", title="Teal scarf", colour="Teal", article_type="Scarves")
+    write(searcher, [teal], seed=40)
+    assert searcher.attributes()["colour"]["Teal"] == 1
+    # A filter in any case finds the catalogue's spelling.
+    query = unit(1, IMAGE_DIM, 5)[0]
+    assert ids(searcher.nearest("image", query, 5, Filters(colour=["teal"]))) == ["p9"]
+    # The text parser knows the new value too.
+    hits = searcher.by_text(unit(1, TEXT_DIM, 5)[0], "TEAL", k=1, explain=True)
+    assert ids(hits) == ["p9"] and hits[0].signals["recognised"] == {"colour": ["Teal"]}
+    assert scans == []
+
+
+def test_refresh_recounts_after_delete(searcher):
+    assert searcher.attributes()["colour"]["Green"] == 1
+    searcher.delete("p5")
+    assert searcher.vocabulary.stale
+    searcher.vocabulary.refresh()
+    assert "Green" not in searcher.attributes()["colour"]
+    assert searcher.attributes()["colour"]["Blue"] == 3 and not searcher.vocabulary.stale
+
+
+def test_writes_are_flushed_every_n_rows(searcher, monkeypatch):
+    monkeypatch.setattr(searcher_module, "FLUSH_EVERY_ROWS", 3)
+    flushes = []
+    flush = searcher.store.flush
+    monkeypatch.setattr(searcher.store, "flush", lambda: flushes.append(1) or flush())
+    searcher.flush()
+    flushes.clear()
+    more = [Product(id=f"n{i}", title=f"New {i}", colour="Red") for i in range(5)]
+    write(searcher, more[:2], seed=50)
+    assert flushes == []
+    write(searcher, more[2:4], seed=60)  # 4 rows since the last flush
+    assert flushes == [1]
+    write(searcher, more[4:], seed=70)  # the count started again
+    assert flushes == [1]
+
+
+def test_upsert_stamps_and_stores_the_photo(searcher):
+    stored = searcher.get("p0")
+    assert stored.image_hash == searcher.get("p1").image_hash != searcher.get("p2").image_hash
+    assert stored.fingerprint and searcher.image("p3")[0] == b"photo of p3"
+
+
+@pytest.mark.parametrize("call", ["get", "similar", "delete", "image"])
+def test_unknown_ids_are_not_found(searcher, call):
+    method = getattr(searcher, call)
+    with pytest.raises(NotFound):
+        method("nope", 3) if call == "similar" else method("nope")
+
+
+def test_by_image_reranks_within_filters(searcher):
+    vectors = searcher.store.get_vectors("p3")
+    features = ImageFeatures(vectors["image"], vectors["colour"])
+    hits = searcher.by_image(features, 2, Filters(article_type=["Casual Shoes"]))
+    assert ids(hits)[0] == "p3" and set(ids(hits)) <= {"p3", "p4", "p5"}
+
+
+def test_attributes_are_keyed_by_filter_name(searcher):
+    write(searcher, [Product(id="m1", title="Mug", attributes={"material": "ceramic"})], seed=80)
+    names = list(searcher.attributes())
+    assert names[: len(STRING_FIELDS)] == list(STRING_FIELDS)  # every one, even when empty
+    assert searcher.attributes()["attr.material"] == {"ceramic": 1} and "material" not in names
+
+
+def test_hybrid_fuses_photo_and_text_within_filters(searcher):
+    vectors = searcher.store.get_vectors("p3")
+    features = ImageFeatures(vectors["image"], vectors["colour"])
+    hits = searcher.hybrid(features, vectors["text"], 3)
+    assert ids(hits)[0] == "p3" and len(hits) == 3
+    blue = searcher.hybrid(features, vectors["text"], 6, Filters(colour=["blue"]), "weighted")
+    assert sorted(ids(blue)) == ["p2", "p3", "p4"]
