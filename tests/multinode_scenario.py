@@ -63,6 +63,7 @@ def main(work: Path) -> dict:
         milvus={"uri": str(work / "milvus.db")}, media_dir=str(work / "media"),
         image_model={"cache_dir": str(work / "cache")},
         demo={"size": 24, "dir": str(work / "demo")},
+        auth={"key_file": str(work / "admin_key")},  # not the repo's ./data
         image_encoder={"min_replicas": 2, "max_replicas": 2, "num_cpus": 0.2, "num_threads": 1,
                        "max_replicas_per_node": 1},
         text_encoder={"min_replicas": 2, "max_replicas": 2, "num_cpus": 0.1, "num_threads": 1,
