@@ -47,12 +47,15 @@ class SearchResponse(BaseModel):
 
     results: list[ResultItem]
     took_ms: float
+    heads_version: str | None = Field(None, description="the fitted heads artifact that ranked "
+                                      "the results (`python -m batch_index fit`); null: none")
 
     @classmethod
     def of(cls, hits: list[Hit], took_ms: float) -> SearchResponse:
         """Build from store hits."""
         return cls(results=[ResultItem.of(h.product, h.score, h.signals) for h in hits],
-                   took_ms=round(took_ms, 2))
+                   took_ms=round(took_ms, 2),
+                   heads_version=next((h.heads_version for h in hits if h.heads_version), None))
 
 
 class ProductPage(BaseModel):
