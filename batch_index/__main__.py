@@ -192,6 +192,10 @@ def cmd_fit(args: argparse.Namespace, settings: AppSettings, search=None, store=
         if search is None:
             store = open_store(settings)
     heads = run_fit(settings, search, store)
+    if heads is None:
+        print(f"heads: not fitted (fewer than heads.min_products = "
+              f"{settings.heads.min_products} products)")
+        return 0
     print("heads " + json.dumps(heads.summary()))
     return 0
 

@@ -42,21 +42,26 @@ def fit_data(data: dict[str, Any], settings: AppSettings) -> Heads:
     """Fit heads on stored vectors and labels (a `ProductStore.vectors_and_labels` dict)."""
     if not len(data["ids"]):
         raise SystemExit("the collection is empty: index a catalogue first")
-    labels = {name: data[name] for name in settings.heads.fields if name in data}
+    labels = {name: data["labels"][name] for name in settings.heads.fields
+              if name in data["labels"]}
     return fit_heads(data["image"], data["text"], data["colour"], labels, has_text(data),
                      *model_ids(settings.image_model, settings.text_model),
                      fit_options(settings.heads))
 
 
-def run_fit(settings: AppSettings, search_handle=None, store=None) -> Heads:
+def run_fit(settings: AppSettings, search_handle=None, store=None) -> Heads | None:
     """Read the catalogue, fit on Ray (one task reserving heads.fit_cpus), save the artifact
     beside the collection; returns the heads. Reads from `store` (a ProductStore), or through
     `search_handle` (the running service's ProductSearch, which owns a Milvus Lite store and
-    then loads the new fit at once)."""
+    then loads the new fit at once). None, and nothing written, below heads.min_products."""
     if search_handle is not None:
         data = search_handle.vectors_and_labels.remote().result()
     else:
         data = store.vectors_and_labels()
+    if len(data["ids"]) < settings.heads.min_products:
+        log.info("heads not fitted: %d products < heads.min_products (%d)", len(data["ids"]),
+                 settings.heads.min_products)
+        return None
     task = ray.remote(num_cpus=settings.heads.fit_cpus)(fit_data)
     heads = ray.get(task.remote(data, settings))
     path = heads.save(heads_folder(settings.heads.dir, settings.milvus.collection))

@@ -74,8 +74,11 @@ class ProductSearch:
         heads in use stay."""
         wanted = self.pinned_version or await asyncio.to_thread(current_version, self.heads_dir)
         heads = self.searcher.heads
-        if wanted is None or (heads is not None and heads.version == wanted):
-            return heads.summary() if heads is not None else None
+        if wanted is None:  # nothing fitted (or the fit was removed): search as without heads
+            self.searcher.heads = self.heads_error = None
+            return None
+        if heads is not None and heads.version == wanted:
+            return heads.summary()
         try:
             loaded = await asyncio.to_thread(load_heads, self.heads_dir, *self.model_ids,
                                              self.dims["image"], self.dims["text"], wanted)

@@ -189,6 +189,8 @@ class HeadSettings(BaseModel):
 
     # Artifacts live in <dir>/<collection>/; the search deployment loads the current one.
     dir: str = "./data/heads"
+    # Fewer stored products than this: `fit` (and the fit after `index`) is skipped.
+    min_products: int = Field(200, ge=1)
     fields: list[str] = Field(default_factory=lambda: [
         "article_type", "colour", "category", "gender", "subcategory", "usage", "season"])
     min_field_products: int = Field(50, ge=2, description="labelled products a field needs")

@@ -343,8 +343,8 @@ class ProductStore:
     @_backend_errors
     def vectors_and_labels(self, batch_size: int = 2048) -> dict[str, Any]:
         """Every product's stored vectors and labels, for fitting heads (deployments.core.heads):
-        `ids`, `titles`, one list per STRING_FIELDS name, and float32 arrays `image` (n,
-        image_dim), `text` (n, text_dim), `colour` (n, COLOUR_DIMS)."""
+        `ids`, `titles`, `labels` (one list per STRING_FIELDS name, "" = none), and float32
+        arrays `image` (n, image_dim), `text` (n, text_dim), `colour` (n, COLOUR_DIMS)."""
         fields = ["id", "title", *STRING_FIELDS, *VECTOR_FIELDS.values(), COLOUR_FIELD]
         rows: list[dict[str, Any]] = []
         iterator = self._client.query_iterator(self.collection, batch_size=batch_size,
@@ -354,7 +354,7 @@ class ProductStore:
         iterator.close()
         result: dict[str, Any] = {"ids": [r["id"] for r in rows],
                                   "titles": [r["title"] for r in rows]}
-        result.update({name: [r.get(name) or "" for r in rows] for name in STRING_FIELDS})
+        result["labels"] = {name: [r.get(name) or "" for r in rows] for name in STRING_FIELDS}
         for key, name in {**VECTOR_FIELDS, "colour": COLOUR_FIELD}.items():
             result[key] = np.asarray([r[name] for r in rows], dtype=np.float32)
         return result
