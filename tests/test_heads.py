@@ -120,6 +120,7 @@ def test_fuse_marks_what_found_each_product_and_scores_descend():
     fused = fuse([_hit("a", 0.9), _hit("b", 0.8)], [_hit("c", 0.5), _hit("a", 0.4)], 3,
                  explain=True)
     assert [h.product.id for h in fused] == ["a", "c", "b"]
+    assert [h.found_by for h in fused] == ["both", "photo", "text"]
     assert [h.signals["found_by"] for h in fused] == ["both", "photo", "text"]
     assert fused[0].signals["text_similarity"] == 0.9
     scores = [h.score for h in fused]

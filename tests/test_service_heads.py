@@ -71,7 +71,8 @@ def test_service_picks_up_a_new_fit_without_restart(service, service_settings):
     text = httpx.post(f"{service}/search/text", json={"query": "red dress", "k": 5,
                                                        "explain": True}, timeout=30).json()
     assert text["heads_version"] == heads.version
-    assert all(r["explain"]["found_by"] in ("text", "photo", "both") for r in text["results"])
+    assert all(r["found_by"] == r["explain"]["found_by"] in ("text", "photo", "both")
+               for r in text["results"])
     scores = [r["score"] for r in text["results"]]
     assert scores == sorted(scores, reverse=True)
     query = (Path(service_settings.demo.dir) / "images" / "demo-0007.jpg").read_bytes()

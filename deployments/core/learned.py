@@ -31,8 +31,8 @@ def photo_query(heads: Heads, text_vector: np.ndarray) -> np.ndarray:
 def fuse(text_hits: Sequence[Hit], photo_hits: Sequence[Hit], k: int,
          explain: bool = False) -> list[Hit]:
     """Reciprocal-rank fusion of a text search and a photo-by-words search, best first; each
-    hit's `score` is its fused score (what it was ranked by) and `signals["found_by"]` says
-    which lists found it ("text", "photo" or "both")."""
+    hit's `score` is its fused score (what it was ranked by) and `found_by` says which lists
+    found it ("text", "photo" or "both"; also in `signals` with explain)."""
     fused: dict[str, tuple[float, Hit, set[str], dict[str, float]]] = {}
     for source, hits in (("text", text_hits), ("photo", photo_hits)):
         for rank, hit in enumerate(hits):
@@ -44,11 +44,11 @@ def fuse(text_hits: Sequence[Hit], photo_hits: Sequence[Hit], k: int,
     result = []
     for score, hit, sources, sims in ranked:
         found_by = "both" if len(sources) == 2 else next(iter(sources))
-        signals = {"found_by": found_by}
+        signals = None
         if explain:
-            signals.update({f"{s}_similarity": v for s, v in sims.items()},
-                           **(hit.signals or {}), score=score)
-        result.append(Hit(hit.product, score, signals=signals))
+            signals = {**(hit.signals or {}), **{f"{s}_similarity": v for s, v in sims.items()},
+                       "found_by": found_by, "score": score}
+        result.append(Hit(hit.product, score, signals=signals, found_by=found_by))
     return result
 
 

@@ -63,6 +63,7 @@ class Hit:
     colour: np.ndarray | None = None
     signals: dict[str, Any] | None = None
     heads_version: str | None = None  # the fitted heads artifact that ranked it, if any
+    found_by: str | None = None  # with heads, a text search says: "text", "photo" or "both"
 
 
 def literal(value: Any) -> str:
