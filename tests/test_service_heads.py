@@ -80,6 +80,9 @@ def test_service_picks_up_a_new_fit_without_restart(service, service_settings):
                        files={"image": ("q.jpg", query)}, timeout=30).json()
     assert photo["heads_version"] == heads.version
     assert "article_type" in photo["results"][0]["explain"]["predicted"]
+    scores = [r["score"] for r in photo["results"]]  # the score it was ranked by
+    assert scores == sorted(scores, reverse=True) and 0 < scores[0] <= 1
+    assert photo["results"][0]["explain"]["visual"] > 0.9  # the same photo's cosine
 
     # The fit removed: the service searches as without heads again, still without a restart.
     shutil.rmtree(f"{service_settings.heads.dir}/{service_settings.milvus.collection}")

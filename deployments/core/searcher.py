@@ -315,8 +315,12 @@ def rerank_hits(pool: list[Hit], colour: np.ndarray | None, k: int, weights: Wei
     if prior is not None:  # the query photo's predicted attributes beside the neighbour votes
         query.attributes = mix_attributes(query.attributes, *prior)
     hits = []
+    # With fitted heads (`prior`), `score` is what the list is ordered by (the weighted signals
+    # over the sum of the weights: 0..1, descending); without, the visual cosine as before.
+    total = sum(weights.__dict__.values()) or 1.0
     for candidate, signals in rerank(candidates, query, weights)[:k]:
-        hit = Hit(candidate.item.product, candidate.item.score)
+        score = signals["score"] / total if prior is not None else candidate.item.score
+        hit = Hit(candidate.item.product, score)
         if explain:
             hit.signals = {**signals, "inferred": {
                 field: max(probs, key=probs.get) for field, probs in query.attributes.items()
