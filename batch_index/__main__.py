@@ -171,11 +171,11 @@ def cmd_index(args: argparse.Namespace, settings: AppSettings) -> int:
         writer = pipeline.direct_writer(settings, store)
     summary = pipeline.run_index(rows, rejects, settings, known, writer, options)
     pipeline.write_rejects(args.rejects, summary.rejects)
+    if not args.no_fit:  # before the summary, which stays the last line
+        cmd_fit(args, settings, search, None if search is not None else store)
     print(summary.line())
     print(f"rejects: {summary.rejected} -> {Path(args.rejects).resolve()}")
     print("summary " + pipeline.summary_json(summary))
-    if not args.no_fit:
-        return cmd_fit(args, settings, search, None if search is not None else store)
     return 0
 
 
@@ -193,8 +193,8 @@ def cmd_fit(args: argparse.Namespace, settings: AppSettings, search=None, store=
             store = open_store(settings)
     heads = run_fit(settings, search, store)
     if heads is None:
-        print(f"heads: not fitted (fewer than heads.min_products = "
-              f"{settings.heads.min_products} products)")
+        log.info("heads not fitted: fewer than heads.min_products = %d products",
+                 settings.heads.min_products)
         return 0
     print("heads " + json.dumps(heads.summary()))
     return 0
