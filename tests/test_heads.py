@@ -24,7 +24,7 @@ from deployments.core.heads import (
     load_heads,
 )
 from deployments.core.images import decode_image
-from deployments.core.learned import fuse, mix_attributes, photo_query
+from deployments.core.learned import fuse, mix_attributes, photo_query, with_known_labels
 from deployments.core.products import Product
 from deployments.core.store import Hit
 
@@ -132,3 +132,11 @@ def test_predictions_are_mixed_beside_votes():
     mixed = mix_attributes(votes, {"article_type": {"Shirts": 0.8, "Tshirts": 0.2}}, 0.5)
     assert mixed["article_type"] == {"Tshirts": 0.6, "Shirts": 0.4}
     assert mixed["colour"] == {}  # no colour vote (a photo without colour): nothing predicted
+
+
+def test_more_like_this_uses_the_products_own_labels():
+    predicted = {"article_type": {"Shirts": 0.7, "Tshirts": 0.3}, "colour": {"Red": 0.9}}
+    product = Product(id="p", title="p", article_type="Tshirts")
+    assert with_known_labels(predicted, product) == {"article_type": {"Tshirts": 1.0},
+                                                     "colour": {"Red": 0.9}}
+    assert with_known_labels(predicted, None) == predicted

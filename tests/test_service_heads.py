@@ -83,6 +83,11 @@ def test_service_picks_up_a_new_fit_without_restart(service, service_settings):
     scores = [r["score"] for r in photo["results"]]  # the score it was ranked by
     assert scores == sorted(scores, reverse=True) and 0 < scores[0] <= 1
     assert photo["results"][0]["explain"]["visual"] > 0.9  # the same photo's cosine
+    own = httpx.get(f"{service}/products/demo-0007", timeout=30).json()["attributes"]
+    similar = httpx.get(f"{service}/products/demo-0007/similar?explain=true", timeout=30).json()
+    assert similar["heads_version"] == heads.version
+    predicted = similar["results"][0]["explain"]["predicted"]  # its own labels: known
+    assert predicted["article_type"] == [own["article_type"], 1.0]
 
     # The fit removed: the service searches as without heads again, still without a restart.
     shutil.rmtree(f"{service_settings.heads.dir}/{service_settings.milvus.collection}")

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from deployments.core.heads import Heads
+from deployments.core.products import Product
 from deployments.core.store import Hit
 
 RRF_K = 60  # the usual reciprocal-rank-fusion constant (Milvus RRFRanker's default too)
@@ -50,6 +51,16 @@ def fuse(text_hits: Sequence[Hit], photo_hits: Sequence[Hit], k: int,
                        "found_by": found_by, "score": score}
         result.append(Hit(hit.product, score, signals=signals, found_by=found_by))
     return result
+
+
+def with_known_labels(predicted: dict[str, dict[str, float]],
+                      product: Product | None) -> dict[str, dict[str, float]]:
+    """A catalogue product's own labels in place of predictions ("more like this": they are
+    known); fields it has no label for keep their prediction."""
+    if product is None:
+        return predicted
+    return {name: ({getattr(product, name): 1.0} if getattr(product, name, "") else probs)
+            for name, probs in predicted.items()}
 
 
 def mix_attributes(votes: dict[str, dict[str, float]], predicted: dict[str, dict[str, float]],

@@ -23,7 +23,7 @@ from deployments.core.errors import InvalidInput, NotFound
 from deployments.core.filters import Filters
 from deployments.core.heads import Heads
 from deployments.core.images import decode_image
-from deployments.core.learned import fuse, mix_attributes, photo_query
+from deployments.core.learned import fuse, mix_attributes, photo_query, with_known_labels
 from deployments.core.media import MediaStore
 from deployments.core.products import STRING_FIELDS, Product
 from deployments.core.query import AttributeVocabulary
@@ -133,7 +133,7 @@ class Searcher:
 
     def by_image(self, features: ImageFeatures, k: int, filters: Filters | None = None,
                  exclude_ids: Sequence[str] = (), extra_filter: str = "",
-                 explain: bool = False) -> list[Hit]:
+                 explain: bool = False, known: Product | None = None) -> list[Hit]:
         """Products that look like a photo: the nearest `ranking.candidates` by image vector,
         re-ranked by colour similarity and the article type and colour inferred from them (a
         photo without colour information, e.g. a greyscale file, votes on type only)."""
@@ -146,8 +146,8 @@ class Searcher:
         if heads is not None and heads.attributes and self.prediction_weight > 0:
             colour = features.colour if features.colour is not None else np.zeros(
                 heads.colour_dim, np.float32)
-            prior = (heads.predict(features.vector[None], colour[None])[0],
-                     self.prediction_weight)
+            prior = (with_known_labels(heads.predict(features.vector[None], colour[None])[0],
+                                       known), self.prediction_weight)
         if features.has_colour:
             return _stamp(rerank_hits(pool, features.colour, k, self.weights, explain,
                                       prior=prior), heads)
@@ -229,7 +229,7 @@ class Searcher:
         duplicates = f"image_hash != {literal(product.image_hash)}" if product.image_hash else ""
         colour = vectors["colour"] if vectors["colour"].any() else None
         return self.by_image(ImageFeatures(vectors["image"], colour), k, filters,
-                             (product_id,), duplicates, explain)
+                             (product_id,), duplicates, explain, product)
 
     def expression(self, filters: Filters | None, extra: str = "") -> str:
         """The Milvus filter for `filters` (values in the catalogue's spelling, escaped) and an
