@@ -306,7 +306,9 @@ def rerank_hits(pool: list[Hit], colour: np.ndarray | None, k: int, weights: Wei
                 prior: tuple[dict[str, dict[str, float]], float] | None = None) -> list[Hit]:
     """The k best of a pool of vector hits by the ranking signals (deployments.core.ranking);
     each keeps its visual cosine as `score`, with per-signal scores when `explain`.
-    `appearance` (a query photo without colour): per hit, its grey likeness, in colour's place."""
+    `appearance` (a query photo without colour): per hit, its grey likeness, in colour's place.
+    `prior` (fitted heads): the query's predicted attributes and their weight beside the votes;
+    `score` is then the score the list is ordered by."""
     candidates = [Candidate(h.product.id, h.score, {"article_type": h.product.article_type,
                                                      "colour": h.product.colour}, h.colour, h)
                   for h in pool]
