@@ -3,6 +3,7 @@
     python -m batch_index index --catalog products.csv [--images DIR]
     python -m batch_index index --images DIR              # a bare folder of photos
     ray job submit --working-dir . -- python -m batch_index index --catalog ...
+    python -m batch_index fit                              # heads from the stored catalogue
 """
 
 from __future__ import annotations
@@ -57,6 +58,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                        help="write through the running service (auto: when it owns Lite)")
     index.add_argument("--app-name", default="shopsearch", help="Serve application to use")
     index.add_argument("--address", help="Ray address (default: RAY_ADDRESS or a local Ray)")
+    index.add_argument("--no-fit", action="store_true", help="skip fitting heads after indexing")
+    fit = sub.add_parser("fit", parents=[common], help="fit heads on the stored catalogue")
+    fit.add_argument("--via-service", choices=["auto", "yes", "no"], default="auto",
+                     help="read through the running service (auto: when it owns Lite)")
+    fit.add_argument("--app-name", default="shopsearch", help="Serve application to use")
+    fit.add_argument("--address", help="Ray address (default: RAY_ADDRESS or a local Ray)")
     index.add_argument("--write-timeout", type=float, default=300,
                        help="seconds a batch write may take (Milvus Lite stalls writes while "
                        "it builds an index after each 128 MB)")
@@ -164,9 +171,32 @@ def cmd_index(args: argparse.Namespace, settings: AppSettings) -> int:
         writer = pipeline.direct_writer(settings, store)
     summary = pipeline.run_index(rows, rejects, settings, known, writer, options)
     pipeline.write_rejects(args.rejects, summary.rejects)
+    if not args.no_fit:  # before the summary, which stays the last line
+        cmd_fit(args, settings, search, None if search is not None else store)
     print(summary.line())
     print(f"rejects: {summary.rejected} -> {Path(args.rejects).resolve()}")
     print("summary " + pipeline.summary_json(summary))
+    return 0
+
+
+def cmd_fit(args: argparse.Namespace, settings: AppSettings, search=None, store=None) -> int:
+    """Fit heads on the stored catalogue (batch_index.fit) and print their figures."""
+    import ray
+
+    from batch_index.fit import run_fit
+
+    if not ray.is_initialized():
+        ray.init(address=args.address or os.environ.get("RAY_ADDRESS"))
+    if search is None and store is None:
+        search = _service_handle(args, settings)
+        if search is None:
+            store = open_store(settings)
+    heads = run_fit(settings, search, store)
+    if heads is None:
+        log.info("heads not fitted: fewer than heads.min_products = %d products",
+                 settings.heads.min_products)
+        return 0
+    print("heads " + json.dumps(heads.summary()))
     return 0
 
 
@@ -195,6 +225,8 @@ def main(argv: list[str] | None = None) -> int:
     settings = settings_for(args)
     if args.command == "index":
         return cmd_index(args, settings)
+    if args.command == "fit":
+        return cmd_fit(args, settings)
     {"create": cmd_create, "drop": cmd_drop, "stats": cmd_stats}[args.command](settings)
     return 0
 

@@ -21,10 +21,11 @@ from ray.serve.handle import DeploymentHandle
 from deployments import metrics
 from deployments.core.encoders import ImageFeatures
 from deployments.core.filters import Filters
+from deployments.core.heads import current_version, heads_folder, load_heads
 from deployments.core.media import MediaStore
 from deployments.core.products import Product
 from deployments.core.searcher import Searcher
-from deployments.core.settings import MilvusSettings, RankingSettings
+from deployments.core.settings import HeadSettings, MilvusSettings, RankingSettings
 from deployments.core.store import Hit, ProductStore, VectorField
 
 log = logging.getLogger("ray.serve")
@@ -39,7 +40,8 @@ class ProductSearch:
     async def __init__(
         self, milvus: MilvusSettings, media_dir: str,
         image_encoder: DeploymentHandle, text_encoder: DeploymentHandle,
-        ranking: RankingSettings | None = None,
+        ranking: RankingSettings | None = None, heads: HeadSettings | None = None,
+        model_ids: tuple[str, str] = ("", ""),
     ) -> None:
         image_dim, text_dim = await asyncio.gather(
             image_encoder.dim.remote(), text_encoder.dim.remote())
@@ -47,6 +49,54 @@ class ProductSearch:
         self.searcher = Searcher(ProductStore(milvus), MediaStore(media_dir), ranking)
         await asyncio.to_thread(self.searcher.start, image_dim, text_dim)
         self._refresher = asyncio.get_running_loop().create_task(self._refresh_vocabulary())
+        # Fitted heads: the current artifact of this collection, re-read when a new fit appears
+        # (`batch_index fit` writes it) or when `user_config` pins a version (reconfigure).
+        self.head_settings = heads or HeadSettings()
+        self.searcher.prediction_weight = self.head_settings.prediction_weight
+        self.heads_dir = heads_folder(self.head_settings.dir, milvus.collection)
+        self.model_ids = model_ids
+        self.pinned_version: str | None = None
+        self.heads_error: str | None = None
+        with contextlib.suppress(Exception):  # a bad artifact: serve without it, say so
+            await self.reload_heads()
+        self._heads_poller = asyncio.get_running_loop().create_task(self._poll_heads())
+
+    async def reconfigure(self, config: dict[str, Any]) -> None:
+        """Serve `user_config`: `{"heads_version": "<version>"}` pins an artifact (null: the
+        current one). Applied in place, without a replica restart."""
+        self.pinned_version = (config or {}).get("heads_version")
+        if hasattr(self, "searcher"):
+            await self.reload_heads()
+
+    async def reload_heads(self) -> dict[str, Any] | None:
+        """Load the pinned or current heads artifact if it is not the one in use; returns its
+        summary (None: no artifact). IncompatibleHeads for one made for other models; the
+        heads in use stay."""
+        wanted = self.pinned_version or await asyncio.to_thread(current_version, self.heads_dir)
+        heads = self.searcher.heads
+        if wanted is None:  # nothing fitted (or the fit was removed): search as without heads
+            self.searcher.heads = self.heads_error = None
+            return None
+        if heads is not None and heads.version == wanted:
+            return heads.summary()
+        try:
+            loaded = await asyncio.to_thread(load_heads, self.heads_dir, *self.model_ids,
+                                             self.dims["image"], self.dims["text"], wanted)
+        except Exception as exc:
+            self.heads_error = f"{getattr(exc, 'code', 'error')}: {exc}"[:300]
+            log.warning("heads %s not loaded: %s", wanted, exc)
+            raise
+        self.heads_error = None
+        self.searcher.heads = loaded  # one assignment: a search uses the old or the new heads
+        log.info("heads %s in use", wanted)
+        return loaded.summary() if loaded is not None else None
+
+    async def _poll_heads(self) -> None:
+        """Pick up a new fit of this collection without a restart."""
+        while True:
+            await asyncio.sleep(self.head_settings.poll_s)
+            with contextlib.suppress(Exception):  # logged in reload_heads; try again next round
+                await self.reload_heads()
 
     async def _call(self, op: str, func: Callable[..., T], *args: Any) -> T:
         """Run a blocking core call off the event loop, timing it."""
@@ -150,4 +200,14 @@ class ProductSearch:
     async def health(self) -> dict[str, Any]:
         """Raises BackendUnavailable unless Milvus answers; otherwise a short status."""
         await self._call("ping", self.searcher.store.ping)
-        return {"milvus": "ok", "collection": self.searcher.store.collection, "dims": self.dims}
+        heads = self.searcher.heads
+        status = {"version": heads.version, "fitted_at": heads.fitted_at} if heads else None
+        if self.heads_error:
+            status = {**(status or {}), "error": self.heads_error}
+        return {"milvus": "ok", "collection": self.searcher.store.collection, "dims": self.dims,
+                "heads": status}
+
+    async def vectors_and_labels(self) -> dict[str, Any]:
+        """Every product's stored vectors and labels (the fit reads them through the service
+        when it owns a Milvus Lite store)."""
+        return await self._call("query", self.searcher.store.vectors_and_labels)

@@ -13,6 +13,7 @@ from typing import Any
 
 from ray.serve import Application
 
+from deployments.core.heads import model_ids
 from deployments.core.settings import AppSettings, ScalingSettings
 from deployments.image_encoder import ImageEncoder
 from deployments.search import ProductSearch
@@ -54,7 +55,8 @@ def build_app(args: dict[str, Any] | AppSettings) -> Application:
         settings.text_model, settings.text_batching, settings.text_encoder.threads(),
     )
     search = ProductSearch.options(**deployment_options(settings.search)).bind(
-        settings.milvus, settings.media_dir, image, text, settings.ranking,
+        settings.milvus, settings.media_dir, image, text, settings.ranking, settings.heads,
+        model_ids(settings.image_model, settings.text_model),
     )
     return SearchAPI.options(**deployment_options(settings.ingress)).bind(
         settings, image, text, search

@@ -30,6 +30,8 @@ class ResultItem(BaseModel):
     image_url: str
     attributes: dict[str, Any]
     explain: dict[str, Any] | None = Field(None, description="per-signal scores (explain=true)")
+    found_by: str | None = Field(None, description='with fitted heads, a text search says what '
+                                 'found the product: "text", "photo" (its pixels) or "both"')
 
     @classmethod
     def of(cls, product: Product, score: float | None = None,
@@ -47,12 +49,16 @@ class SearchResponse(BaseModel):
 
     results: list[ResultItem]
     took_ms: float
+    heads_version: str | None = Field(None, description="the fitted heads artifact that ranked "
+                                      "the results (`python -m batch_index fit`); null: none")
 
     @classmethod
     def of(cls, hits: list[Hit], took_ms: float) -> SearchResponse:
         """Build from store hits."""
-        return cls(results=[ResultItem.of(h.product, h.score, h.signals) for h in hits],
-                   took_ms=round(took_ms, 2))
+        return cls(results=[ResultItem.of(h.product, h.score, h.signals).model_copy(
+                            update={"found_by": h.found_by}) for h in hits],
+                   took_ms=round(took_ms, 2),
+                   heads_version=next((h.heads_version for h in hits if h.heads_version), None))
 
 
 class ProductPage(BaseModel):

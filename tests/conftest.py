@@ -58,6 +58,7 @@ def make_settings(tmp_path: Path, model_cache: str, **overrides) -> AppSettings:
         "demo": {"enabled": True, "size": 48, "dir": str(tmp_path / "demo")},
         # No key configured: the ingress generates its admin key here (see `admin_key`).
         "auth": {"key_file": str(tmp_path / "admin_key")},
+        "heads": {"dir": str(tmp_path / "heads"), "poll_s": 0.5},
         "image_encoder": {"num_cpus": 0.25, "num_threads": 1, "max_replicas": 1},
         "text_encoder": {"num_cpus": 0.25, "num_threads": 1, "max_replicas": 1},
         "search": {"num_cpus": 0.1, "max_ongoing_requests": 64},

@@ -21,7 +21,9 @@ from deployments.core.colour import LAYOUT_SIDE, grey_layout, layout_similarity
 from deployments.core.encoders import ImageFeatures
 from deployments.core.errors import InvalidInput, NotFound
 from deployments.core.filters import Filters
+from deployments.core.heads import Heads
 from deployments.core.images import decode_image
+from deployments.core.learned import fuse, mix_attributes, photo_query, with_known_labels
 from deployments.core.media import MediaStore
 from deployments.core.products import STRING_FIELDS, Product
 from deployments.core.query import AttributeVocabulary
@@ -106,6 +108,10 @@ class Searcher:
                                article_type=self.ranking.article_type_weight,
                                colour_label=self.ranking.colour_label_weight)
         self.vocabulary = Vocabulary(store)
+        # Fitted heads (deployments.core.heads) in use, or None: search as without them.
+        # Replaced whole by the deployment when a new fit appears; each search reads it once.
+        self.heads: Heads | None = None
+        self.prediction_weight = 0.5
         self._unflushed = 0
         self._flush_lock = threading.Lock()
 
@@ -127,18 +133,26 @@ class Searcher:
 
     def by_image(self, features: ImageFeatures, k: int, filters: Filters | None = None,
                  exclude_ids: Sequence[str] = (), extra_filter: str = "",
-                 explain: bool = False) -> list[Hit]:
+                 explain: bool = False, known: Product | None = None) -> list[Hit]:
         """Products that look like a photo: the nearest `ranking.candidates` by image vector,
         re-ranked by colour similarity and the article type and colour inferred from them (a
         photo without colour information, e.g. a greyscale file, votes on type only)."""
         if not self.ranking.enabled:
             return self.nearest("image", features.vector, k, filters, exclude_ids, extra_filter)
+        heads = self.heads
         pool = self.store.search(features.vector, "image", max(k, self.ranking.candidates),
                                  self.expression(filters, extra_filter), exclude_ids, True)
+        prior = None
+        if heads is not None and heads.attributes and self.prediction_weight > 0:
+            colour = features.colour if features.colour is not None else np.zeros(
+                heads.colour_dim, np.float32)
+            prior = (with_known_labels(heads.predict(features.vector[None], colour[None])[0],
+                                       known), self.prediction_weight)
         if features.has_colour:
-            return rerank_hits(pool, features.colour, k, self.weights, explain)
-        return rerank_hits(pool, None, k, self.weights, explain,
-                           self.grey_appearance(pool, features.layout))
+            return _stamp(rerank_hits(pool, features.colour, k, self.weights, explain,
+                                      prior=prior), heads)
+        return _stamp(rerank_hits(pool, None, k, self.weights, explain,
+                                  self.grey_appearance(pool, features.layout), prior), heads)
 
     def grey_appearance(self, pool: Sequence[Hit], layout: np.ndarray | None) -> np.ndarray:
         """For a query photo without colour: how alike each of the GREY_CANDIDATES nearest
@@ -162,6 +176,18 @@ class Searcher:
         Attribute words of the catalogue's own vocabulary ("black", "casual shoes", "men")
         become filters unless the shopper set that field; if they leave fewer than k products,
         the rest come from the search without them."""
+        heads = self.heads
+        if heads is not None and heads.projection is not None:
+            # Titles and photos together: the text search, and the image index searched by the
+            # words mapped into image space (deployments.core.learned), fused by rank.
+            words = self._by_text(vector, text, k, filters, explain)
+            photos = self.nearest("image", photo_query(heads, vector), max(
+                k, self.ranking.hybrid_depth), filters)
+            return _stamp(fuse(words, photos, k, explain), heads)
+        return self._by_text(vector, text, k, filters, explain)
+
+    def _by_text(self, vector: np.ndarray, text: str, k: int, filters: Filters | None = None,
+                 explain: bool = False) -> list[Hit]:
         filters = filters or Filters()
         parsed = (self.vocabulary.snapshot.parser.parse(text)
                   if self.ranking.text_attributes else None)
@@ -203,7 +229,7 @@ class Searcher:
         duplicates = f"image_hash != {literal(product.image_hash)}" if product.image_hash else ""
         colour = vectors["colour"] if vectors["colour"].any() else None
         return self.by_image(ImageFeatures(vectors["image"], colour), k, filters,
-                             (product_id,), duplicates, explain)
+                             (product_id,), duplicates, explain, product)
 
     def expression(self, filters: Filters | None, extra: str = "") -> str:
         """The Milvus filter for `filters` (values in the catalogue's spelling, escaped) and an
@@ -267,23 +293,43 @@ class Searcher:
         self.vocabulary.mark_stale()
 
 
+def _stamp(hits: list[Hit], heads: Heads | None) -> list[Hit]:
+    """Mark hits with the heads artifact that ranked them."""
+    if heads is not None:
+        for hit in hits:
+            hit.heads_version = heads.version
+    return hits
+
+
 def rerank_hits(pool: list[Hit], colour: np.ndarray | None, k: int, weights: Weights,
-                explain: bool, appearance: np.ndarray | None = None) -> list[Hit]:
+                explain: bool, appearance: np.ndarray | None = None,
+                prior: tuple[dict[str, dict[str, float]], float] | None = None) -> list[Hit]:
     """The k best of a pool of vector hits by the ranking signals (deployments.core.ranking);
     each keeps its visual cosine as `score`, with per-signal scores when `explain`.
-    `appearance` (a query photo without colour): per hit, its grey likeness, in colour's place."""
+    `appearance` (a query photo without colour): per hit, its grey likeness, in colour's place.
+    `prior` (fitted heads): the query's predicted attributes and their weight beside the votes;
+    `score` is then the score the list is ordered by."""
     candidates = [Candidate(h.product.id, h.score, {"article_type": h.product.article_type,
                                                      "colour": h.product.colour}, h.colour, h)
                   for h in pool]
     query = query_signals(candidates, colour)
     query.appearance = appearance
+    if prior is not None:  # the query photo's predicted attributes beside the neighbour votes
+        query.attributes = mix_attributes(query.attributes, *prior)
     hits = []
+    # With fitted heads (`prior`), `score` is what the list is ordered by (the weighted signals
+    # over the sum of the weights: 0..1, descending); without, the visual cosine as before.
+    total = sum(weights.__dict__.values()) or 1.0
     for candidate, signals in rerank(candidates, query, weights)[:k]:
-        hit = Hit(candidate.item.product, candidate.item.score)
+        score = signals["score"] / total if prior is not None else candidate.item.score
+        hit = Hit(candidate.item.product, score)
         if explain:
             hit.signals = {**signals, "inferred": {
                 field: max(probs, key=probs.get) for field, probs in query.attributes.items()
                 if probs}}
+            if prior is not None:
+                hit.signals["predicted"] = {f: next(iter(p.items())) for f, p in prior[0].items()
+                                            if f in ("article_type", "colour")}
             if appearance is not None:  # the photo has no colour: `colour` is grey likeness
                 hit.signals["photo_has_colour"] = False
         hits.append(hit)

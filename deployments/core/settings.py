@@ -184,6 +184,27 @@ class DemoSettings(BaseModel):
     dir: str = "./data/demo"
 
 
+class HeadSettings(BaseModel):
+    """Heads fitted on the catalogue (deployments.core.heads, `python -m batch_index fit`)."""
+
+    # Artifacts live in <dir>/<collection>/; the search deployment loads the current one.
+    dir: str = "./data/heads"
+    # Fewer stored products than this: `fit` (and the fit after `index`) is skipped.
+    min_products: int = Field(200, ge=1)
+    fields: list[str] = Field(default_factory=lambda: [
+        "article_type", "colour", "category", "gender", "subcategory", "usage", "season"])
+    min_field_products: int = Field(50, ge=2, description="labelled products a field needs")
+    min_class_products: int = Field(5, ge=1, description="rarer values are not predicted")
+    validation_share: float = Field(0.2, gt=0, lt=1)
+    align_epochs: int = Field(20, ge=1)
+    fit_cpus: float = Field(1, gt=0, description="CPUs the fit's Ray task reserves")
+    threads: int = Field(2, ge=1)
+    poll_s: float = Field(5.0, gt=0, description="how often the service looks for a new fit")
+    # Ranking: how much a query photo's predicted attributes weigh beside its neighbours' votes
+    # (0: votes only, as without heads).
+    prediction_weight: float = Field(0.5, ge=0, le=1)
+
+
 class AppSettings(BaseSettings):
     """Everything the service, the batch job and the benchmarks are configured with."""
 
@@ -206,6 +227,7 @@ class AppSettings(BaseSettings):
     demo: DemoSettings = Field(default_factory=DemoSettings)
     auth: AuthSettings = Field(default_factory=AuthSettings)
     http: HTTPSettings = Field(default_factory=HTTPSettings)
+    heads: HeadSettings = Field(default_factory=HeadSettings)
     media_dir: str = "./data/media"
 
     @model_validator(mode="after")

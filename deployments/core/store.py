@@ -62,6 +62,8 @@ class Hit:
     score: float
     colour: np.ndarray | None = None
     signals: dict[str, Any] | None = None
+    heads_version: str | None = None  # the fitted heads artifact that ranked it, if any
+    found_by: str | None = None  # with heads, a text search says: "text", "photo" or "both"
 
 
 def literal(value: Any) -> str:
@@ -338,6 +340,25 @@ class ProductStore:
             found.update((r["id"], r["fingerprint"]) for r in batch)
         iterator.close()
         return found
+
+    @_backend_errors
+    def vectors_and_labels(self, batch_size: int = 2048) -> dict[str, Any]:
+        """Every product's stored vectors and labels, for fitting heads (deployments.core.heads):
+        `ids`, `titles`, `labels` (one list per STRING_FIELDS name, "" = none), and float32
+        arrays `image` (n, image_dim), `text` (n, text_dim), `colour` (n, COLOUR_DIMS)."""
+        fields = ["id", "title", *STRING_FIELDS, *VECTOR_FIELDS.values(), COLOUR_FIELD]
+        rows: list[dict[str, Any]] = []
+        iterator = self._client.query_iterator(self.collection, batch_size=batch_size,
+                                               output_fields=fields)
+        while batch := iterator.next():
+            rows.extend(batch)
+        iterator.close()
+        result: dict[str, Any] = {"ids": [r["id"] for r in rows],
+                                  "titles": [r["title"] for r in rows]}
+        result["labels"] = {name: [r.get(name) or "" for r in rows] for name in STRING_FIELDS}
+        for key, name in {**VECTOR_FIELDS, "colour": COLOUR_FIELD}.items():
+            result[key] = np.asarray([r[name] for r in rows], dtype=np.float32)
+        return result
 
     @_backend_errors
     def list(self, limit: int = 20, offset: int = 0, filter: str = "") -> list[Product]:

@@ -355,6 +355,11 @@
         facts.append(fact);
       }
     }
+    if (item.found_by === "photo") {  // fitted heads: found by its pixels, not its words
+      const badge = element("span", "result-found-by", "found by its photo");
+      badge.title = "Its title does not match your words; its photo does";
+      facts.append(badge);
+    }
     body.append(facts);
 
     const footer = element("span", "result-footer");

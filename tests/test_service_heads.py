@@ -1,0 +1,98 @@
+"""A running service picks up a new fit of its catalogue's heads without a restart and without a
+failed request (real Ray, real service, the fit through `batch_index.fit` on Ray)."""
+
+from __future__ import annotations
+
+import shutil
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.support import replica_actor_names
+
+pytestmark = pytest.mark.integration
+
+
+def _wait_heads(url: str, wanted, timeout: float = 30) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        body = httpx.get(f"{url}/healthz", timeout=10).json()
+        version = (body.get("heads") or {}).get("version")
+        if version == wanted:
+            return body
+        time.sleep(0.25)
+    raise AssertionError(f"heads {wanted!r} not in use after {timeout} s: {body}")
+
+
+def test_service_picks_up_a_new_fit_without_restart(service, service_settings):
+    from ray import serve
+
+    from batch_index.fit import run_fit
+
+    assert httpx.get(f"{service}/healthz", timeout=10).json()["heads"] is None
+    before = httpx.post(f"{service}/search/text", json={"query": "red dress", "k": 5},
+                        timeout=30).json()
+    assert before["heads_version"] is None
+    replicas = replica_actor_names("shopsearch", "ProductSearch")
+
+    statuses: list[int] = []
+    stop = threading.Event()
+
+    def shop() -> None:  # searches all through the fit and the swap
+        photo = (Path(service_settings.demo.dir) / "images" / "demo-0004.jpg").read_bytes()
+        with httpx.Client(timeout=30) as client:
+            while not stop.is_set():
+                statuses.append(client.post(f"{service}/search/text",
+                                            json={"query": "blue mug", "k": 5}).status_code)
+                statuses.append(client.post(f"{service}/search/image",
+                                            files={"image": ("q.jpg", photo)}).status_code)
+
+    shopper = threading.Thread(target=shop)
+    shopper.start()
+    try:
+        settings = service_settings.model_copy(update={"heads": service_settings.heads.model_copy(
+            update={"min_products": 10, "min_field_products": 10, "min_class_products": 2})})
+        handle = serve.get_deployment_handle("ProductSearch", app_name="shopsearch")
+        heads = run_fit(settings, handle)
+        assert heads is not None and heads.projection is not None
+        assert {"article_type", "colour"} <= set(heads.attributes)
+        health = _wait_heads(service, heads.version)
+        assert health["heads"]["fitted_at"] == heads.fitted_at
+        time.sleep(1)  # a few more searches with the new heads
+    finally:
+        stop.set()
+        shopper.join()
+    assert statuses and set(statuses) == {200}, statuses
+    assert replica_actor_names("shopsearch", "ProductSearch") == replicas  # no replica restarted
+
+    text = httpx.post(f"{service}/search/text", json={"query": "red dress", "k": 5,
+                                                       "explain": True}, timeout=30).json()
+    assert text["heads_version"] == heads.version
+    assert all(r["found_by"] == r["explain"]["found_by"] in ("text", "photo", "both")
+               for r in text["results"])
+    scores = [r["score"] for r in text["results"]]
+    assert scores == sorted(scores, reverse=True)
+    query = (Path(service_settings.demo.dir) / "images" / "demo-0007.jpg").read_bytes()
+    photo = httpx.post(f"{service}/search/image?explain=true",
+                       files={"image": ("q.jpg", query)}, timeout=30).json()
+    assert photo["heads_version"] == heads.version
+    assert "article_type" in photo["results"][0]["explain"]["predicted"]
+    scores = [r["score"] for r in photo["results"]]  # the score it was ranked by
+    assert scores == sorted(scores, reverse=True) and 0 < scores[0] <= 1
+    assert photo["results"][0]["explain"]["visual"] > 0.9  # the same photo's cosine
+    own = httpx.get(f"{service}/products/demo-0007", timeout=30).json()["attributes"]
+    similar = httpx.get(f"{service}/products/demo-0007/similar?explain=true", timeout=30).json()
+    assert similar["heads_version"] == heads.version
+    predicted = similar["results"][0]["explain"]["predicted"]  # its own labels: known
+    assert predicted["article_type"] == [own["article_type"], 1.0]
+
+    # The fit removed: the service searches as without heads again, still without a restart.
+    shutil.rmtree(f"{service_settings.heads.dir}/{service_settings.milvus.collection}")
+    _wait_heads(service, None)
+    after = httpx.post(f"{service}/search/text", json={"query": "red dress", "k": 5},
+                       timeout=30).json()
+    assert after["heads_version"] is None
+    assert [r["id"] for r in after["results"]] == [r["id"] for r in before["results"]]
