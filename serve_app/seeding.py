@@ -19,6 +19,7 @@ from deployments.core.settings import DemoSettings
 
 log = logging.getLogger("ray.serve")
 Upsert = Callable[[Product, bytes], Awaitable[Product]]
+ATTEMPTS = 4  # tries per demo product (upserts are idempotent: by id)
 
 
 class DemoSeeder:
@@ -38,13 +39,20 @@ class DemoSeeder:
             csv_path = await asyncio.to_thread(generate_demo_catalog, self.settings.dir,
                                                self.settings.size)
             rows = list(csv.DictReader(csv_path.open()))
-            limiter = asyncio.Semaphore(16)
+            limiter = asyncio.Semaphore(8)
 
             async def index(row: dict[str, Any]) -> None:
-                async with limiter:
-                    image = (csv_path.parent / row.pop("image")).read_bytes()
-                    extra = {"pattern": row.pop("pattern")}
-                    await upsert(Product(**row, attributes=extra), image)
+                image = (csv_path.parent / row.pop("image")).read_bytes()
+                product = Product(**row, attributes={"pattern": row.pop("pattern")})
+                for attempt in range(ATTEMPTS):  # a busy machine can time a write out: retry
+                    async with limiter:
+                        try:
+                            await upsert(product, image)
+                            return
+                        except Exception:
+                            if attempt == ATTEMPTS - 1:
+                                raise
+                    await asyncio.sleep(2**attempt)
 
             start = time.perf_counter()
             await asyncio.gather(*(index(r) for r in rows))
