@@ -17,7 +17,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+import grpc
 import numpy as np
+import pymilvus
 from pymilvus import (
     AnnSearchRequest,
     DataType,
@@ -125,8 +127,45 @@ def _backend_errors(func):
             raise BackendUnavailable(f"Milvus failed: {exc.message}") from exc
         except (ConnectionError, TimeoutError) as exc:
             raise BackendUnavailable(f"Milvus unreachable: {exc}") from exc
+        except Exception as exc:
+            if not client_failure(exc):
+                raise
+            log.warning("Milvus client error in %s: %r", func.__name__, exc)
+            raise BackendUnavailable(f"Milvus failed: {_client_error_name(exc)}") from exc
 
     return wrapper
+
+
+# Packages whose exceptions mean "the Milvus client failed", whatever their type: raw gRPC errors
+# (DEADLINE_EXCEEDED, UNAVAILABLE; grpc.aio's too) escape pymilvus unwrapped, and they cannot be
+# pickled across Ray, so an unwrapped one reached the ingress as a 500.
+CLIENT_PACKAGES = ("pymilvus", "grpc", "milvus_lite")
+_CLIENT_DIRS = tuple(str(Path(module.__file__).parent) + "/" for module in (pymilvus, grpc))
+
+
+def client_failure(exc: BaseException) -> bool:
+    """Whether an exception came from the Milvus client stack: a pymilvus / gRPC exception type
+    (MilvusException or not), or any exception raised from inside those packages."""
+    if isinstance(exc, (MilvusException, grpc.RpcError, grpc.FutureTimeoutError)):
+        return True
+    if type(exc).__module__.split(".")[0] in CLIENT_PACKAGES:
+        return True
+    tb = exc.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    return tb is not None and tb.tb_frame.f_code.co_filename.startswith(_CLIENT_DIRS)
+
+
+def _client_error_name(exc: BaseException) -> str:
+    """A short, picklable description: the gRPC status when there is one, else the type."""
+    code = getattr(exc, "code", None)
+    if callable(code):
+        try:
+            status = code()
+            return f"gRPC {getattr(status, 'name', status)}"
+        except Exception:  # not a finished call
+            pass
+    return type(exc).__name__
 
 
 class ProductStore:
@@ -232,19 +271,20 @@ class ProductStore:
     @_backend_errors
     def exists(self) -> bool:
         """Whether the collection exists."""
-        return self._client.has_collection(self.collection)
+        return self._client.has_collection(self.collection, **self._write)
 
     @_backend_errors
     def drop(self) -> None:
         """Delete the collection and everything in it."""
-        if self._client.has_collection(self.collection):
-            self._client.drop_collection(self.collection)
+        if self._client.has_collection(self.collection, **self._write):
+            self._client.drop_collection(self.collection, **self._write)
 
     @_backend_errors
     def ping(self) -> None:
         """Raise BackendUnavailable unless Milvus answers."""
         self._client.has_collection(self.collection, **self._read)
 
+    @_backend_errors
     def close(self) -> None:
         """Release the client (Milvus Lite flushes and frees the data dir)."""
         self._client.close()
@@ -333,7 +373,7 @@ class ProductStore:
             return {r["id"]: r["fingerprint"] for r in rows}
         found: dict[str, str] = {}
         iterator = self._client.query_iterator(self.collection, batch_size=4096,
-                                               output_fields=fields)
+                                               output_fields=fields, **self._write)
         while batch := iterator.next():
             found.update((r["id"], r["fingerprint"]) for r in batch)
         iterator.close()
@@ -353,7 +393,8 @@ class ProductStore:
         """For each typed field and JSON attribute: its most common values with counts."""
         counts: dict[str, Counter] = {name: Counter() for name in STRING_FIELDS}
         iterator = self._client.query_iterator(
-            self.collection, batch_size=4096, output_fields=[*STRING_FIELDS, "attributes"])
+            self.collection, batch_size=4096, output_fields=[*STRING_FIELDS, "attributes"],
+            **self._write)
         while batch := iterator.next():
             for row in batch:
                 for name in STRING_FIELDS:
