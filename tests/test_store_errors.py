@@ -20,7 +20,7 @@ from pymilvus.exceptions import ConnectionNotExistException, MilvusUnavailableEx
 from deployments.core.errors import BackendUnavailable, InvalidInput
 from deployments.core.products import Product
 from deployments.core.settings import MilvusSettings
-from deployments.core.store import ProductStore, client_failure
+from deployments.core.store import Hit, ProductStore, client_failure
 from tests.support import LiteServer, free_port
 
 IMAGE_DIM, TEXT_DIM = 16, 8
@@ -100,13 +100,15 @@ CALLS = {
     "get": lambda s: s.get(["p1"]),
     "get_vectors": lambda s: s.get_vectors("p1"),
     "fingerprints": lambda s: s.fingerprints(),
-    "fingerprints_by_id": lambda s: s.fingerprints(["p1"]),
+    "fingerprints/ids": lambda s: s.fingerprints(["p1"]),
     "list": lambda s: s.list(),
     "attribute_counts": lambda s: s.attribute_counts(),
     "count": lambda s: s.count(),
     "search": lambda s: s.search(_V, "image", 5),
     "search_batch": lambda s: s.search_batch(_V[None], "image", 5),
-    "search_pool": lambda s: s.search(_V, "image", 5, with_colour=True),
+    "search/colour": lambda s: s.search(_V, "image", 5, with_colour=True),
+    "search_pool": lambda s: s.search_pool(_V, "image", 200),
+    "complete": lambda s: s.complete([Hit(_P, 1.0)]),
     "hybrid_search": lambda s: s.hybrid_search(_V, _T, 5),
 }
 
@@ -131,7 +133,7 @@ def _store_with(client, monkeypatch, tmp_path) -> ProductStore:
 def test_public_methods_are_all_exercised():
     public = {name for name in vars(ProductStore) if not name.startswith("_")
               and callable(getattr(ProductStore, name))}
-    assert public <= {c.removesuffix("_by_id").removesuffix("_pool") for c in CALLS}, public
+    assert public <= {c.split("/")[0] for c in CALLS}, public
 
 
 @pytest.mark.parametrize("error", CLIENT_ERRORS)
@@ -181,8 +183,8 @@ def _server_store(server: LiteServer, **overrides) -> ProductStore:
     return store
 
 
-READS = ("ping", "exists", "get", "get_vectors", "fingerprints_by_id", "list", "count",
-         "search", "search_pool", "search_batch", "hybrid_search")
+READS = ("ping", "exists", "get", "get_vectors", "fingerprints/ids", "list", "count",
+         "search", "search/colour", "search_pool", "complete", "search_batch", "hybrid_search")
 
 
 def test_missed_deadlines_are_backend_unavailable(lite_server):

@@ -133,12 +133,15 @@ class Searcher:
         photo without colour information, e.g. a greyscale file, votes on type only)."""
         if not self.ranking.enabled:
             return self.nearest("image", features.vector, k, filters, exclude_ids, extra_filter)
-        pool = self.store.search(features.vector, "image", max(k, self.ranking.candidates),
-                                 self.expression(filters, extra_filter), exclude_ids, True)
+        # The pool carries only what re-ranking reads; the k kept are read in full (store.py).
+        pool = self.store.search_pool(features.vector, "image",
+                                      max(k, self.ranking.candidates),
+                                      self.expression(filters, extra_filter), exclude_ids)
         if features.has_colour:
-            return rerank_hits(pool, features.colour, k, self.weights, explain)
-        return rerank_hits(pool, None, k, self.weights, explain,
-                           self.grey_appearance(pool, features.layout))
+            return self.store.complete(rerank_hits(pool, features.colour, k, self.weights,
+                                                   explain))
+        return self.store.complete(rerank_hits(pool, None, k, self.weights, explain,
+                                               self.grey_appearance(pool, features.layout)))
 
     def grey_appearance(self, pool: Sequence[Hit], layout: np.ndarray | None) -> np.ndarray:
         """For a query photo without colour: how alike each of the GREY_CANDIDATES nearest

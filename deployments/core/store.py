@@ -7,6 +7,7 @@ data dir, writes serialised) or a server URL. Callers see products and scores, n
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import logging
@@ -53,6 +54,9 @@ REBUILD = ("rebuild it: `python -m batch_index drop` (same --milvus-uri / --coll
 
 
 COLOUR_FIELD = "colour_vector"
+# What re-ranking reads of each pool candidate (searcher.by_image): labels, the photo (grey
+# likeness) and its hash; with the colour descriptor. Full products only for the k returned.
+POOL_FIELDS = ("id", "title", "article_type", "colour", "image_ref", "image_hash")
 
 
 @dataclass
@@ -455,6 +459,41 @@ class ProductStore:
         return [[Hit(self._product(h["entity"]), float(h["distance"]),
                      _colour(h["entity"]) if with_colour else None) for h in row]
                 for row in result]
+
+    @_backend_errors
+    def search_pool(
+        self, vector: np.ndarray, field: VectorField, k: int, filter: str = "",
+        exclude_ids: Sequence[str] = (),
+    ) -> list[Hit]:
+        """`search(..., with_colour=True)` for a re-ranking pool: each hit's product holds only
+        POOL_FIELDS (the rest left at their defaults, unvalidated), so a pool of hundreds costs
+        little to fetch and decode; `complete` then reads the full products of the few kept."""
+        clauses = [f"({filter})" if filter else "", f"not ({expr_in('id', exclude_ids)})"
+                   if exclude_ids else ""]
+        result = self._client.search(
+            self.collection, data=[np.asarray(vector, dtype=np.float32).tolist()],
+            anns_field=VECTOR_FIELDS[field], limit=k, filter=" and ".join(c for c in clauses if c),
+            output_fields=[*POOL_FIELDS, COLOUR_FIELD],
+            search_params={"metric_type": self.settings.metric,
+                           "params": self.settings.search_params}, **self._read,
+        )
+        return [Hit(Product.model_construct(**{f: h["entity"][f] for f in POOL_FIELDS
+                                               if h["entity"].get(f) is not None}),
+                    float(h["distance"]), _colour(h["entity"])) for h in result[0]]
+
+    @_backend_errors
+    def complete(self, hits: Sequence[Hit]) -> list[Hit]:
+        """The hits with their full products, read in one query by id (the searches'
+        consistency, not Strong); a product deleted since the search is left out."""
+        if not hits:
+            return []
+        rows = self._client.query(
+            self.collection, filter=expr_in("id", [h.product.id for h in hits]),
+            output_fields=list(SCALAR_FIELDS), **self._read,
+        )
+        by_id = {r["id"]: self._product(r) for r in rows}
+        return [dataclasses.replace(h, product=by_id[h.product.id]) for h in hits
+                if h.product.id in by_id]
 
     @_backend_errors
     def hybrid_search(
