@@ -177,7 +177,7 @@ def run_mode(config: dict, work: Path, port: int, photos: list[bytes], args) -> 
 def stop(proc: subprocess.Popen) -> None:
     """Stop `serve run` (SIGINT: it tears down its app and its Ray cluster); on a loaded
     machine that was seen to hang, so SIGTERM, then SIGKILL, after a grace period each."""
-    for sig, grace in ((signal.SIGINT, 90), (signal.SIGTERM, 30), (signal.SIGKILL, 30)):
+    for sig, grace in ((signal.SIGINT, 45), (signal.SIGTERM, 30), (signal.SIGKILL, 30)):
         proc.send_signal(sig)
         try:
             proc.wait(timeout=grace)
