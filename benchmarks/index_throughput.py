@@ -8,7 +8,10 @@
 Each mode runs in its own process with a fresh Milvus Lite store; peak memory is the process
 tree's summed RSS (Ray workers included), sampled every 0.2 s.
 
-    .venv/bin/python -m benchmarks.index_throughput [--dataset DIR] [--naive-rows 400]
+    python -m benchmarks.index_throughput [--dataset DIR] [--naive-rows 400] [--json PATH]
+
+The Ray Data mode runs the job twice: the second run, over the unchanged catalogue, is the
+rerun (`rerun_s` against `first_run_s`).
 """
 
 from __future__ import annotations
@@ -95,8 +98,16 @@ def run_ray_job(dataset: Path, work: Path, rows: int | None) -> dict:
     out = subprocess.run(cmd, capture_output=True, text=True, check=True)
     total = time.perf_counter() - start
     summary = json.loads(out.stdout.split("summary ")[-1].splitlines()[0])
+    # The same command again over the unchanged catalogue: every row must be recognised
+    # (fingerprints) without decoding or embedding a photo.
+    start = time.perf_counter()
+    again = subprocess.run(cmd, capture_output=True, text=True, check=True)
+    rerun = time.perf_counter() - start
+    second = json.loads(again.stdout.split("summary ")[-1].splitlines()[0])
     return {"rows": summary["indexed"], "wall_s": summary["wall_s"],
-            "images_per_s": summary["images_per_s"], "command_wall_s": total}
+            "images_per_s": summary["images_per_s"], "command_wall_s": total,
+            "rerun_command_wall_s": rerun, "rerun_wall_s": second["wall_s"],
+            "rerun_indexed": second["indexed"], "rerun_summary": second}
 
 
 def measure(mode: str, args: argparse.Namespace) -> dict:
@@ -150,6 +161,7 @@ def main() -> None:
     parser.add_argument("--modes", default="naive-torch,naive-onnx,ceiling,ray-data")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--work", help=argparse.SUPPRESS)
+    parser.add_argument("--json", type=Path, help="also write the figures here")
     args = parser.parse_args()
     if args.child:
         return child(args)
@@ -171,9 +183,32 @@ def main() -> None:
             if base in by_mode:
                 print(f"ray-data / {base}: {ray_rate / by_mode[base]['images_per_s']:.2f}x")
     OUT.mkdir(exist_ok=True)
-    report = {"date": time.strftime("%Y-%m-%d %H:%M"), "results": results}
+    report = {"date": time.strftime("%Y-%m-%d %H:%M"), "results": results,
+              **headline(by_mode)}
+    for name, value in headline(by_mode).items():
+        print(f"{name}: {value:.2f}")
     (OUT / "index_throughput.json").write_text(json.dumps(report, indent=2))
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(report, indent=2))
     return None
+
+
+def headline(by_mode: dict) -> dict:
+    """The issue's figures: the job's rate against the in-process ceiling (targets: >= 0.9x),
+    and a rerun over the unchanged catalogue against the first run (<= 1/10), command to
+    command (Ray's start-up included)."""
+    out = {}
+    if "ceiling" in by_mode:
+        out["ceiling_per_s"] = by_mode["ceiling"]["images_per_s"]
+    if "ray-data" in by_mode:
+        job = by_mode["ray-data"]
+        out.update(index_per_s=job["images_per_s"], first_run_s=job["command_wall_s"],
+                   rerun_s=job["rerun_command_wall_s"],
+                   rerun_over_first=job["rerun_command_wall_s"] / job["command_wall_s"])
+        if "ceiling" in by_mode:
+            out["index_over_ceiling"] = job["images_per_s"] / out["ceiling_per_s"]
+    return out
 
 
 if __name__ == "__main__":

@@ -178,3 +178,21 @@ def test_hybrid_fuses_photo_and_text_within_filters(searcher):
     assert ids(hits)[0] == "p3" and len(hits) == 3
     blue = searcher.hybrid(features, vectors["text"], 6, Filters(colour=["blue"]), "weighted")
     assert sorted(ids(blue)) == ["p2", "p3", "p4"]
+
+
+@pytest.mark.parametrize("explain", [False, True])
+@pytest.mark.parametrize("colour", [True, False])
+def test_lean_pool_ranks_exactly_like_the_full_one(searcher, explain, colour):
+    """by_image fetches only what re-ranking reads for the pool, then the k kept in full: the
+    same products, order, scores, signals and fields as re-ranking a pool of full products."""
+    vectors = searcher.store.get_vectors("p3")
+    features = ImageFeatures(vectors["image"], vectors["colour"], has_colour=colour)
+    full = searcher.store.search(features.vector, "image", searcher.ranking.candidates,
+                                 with_colour=True)
+    expected = searcher_module.rerank_hits(
+        full, features.colour if colour else None, 4, searcher.weights, explain,
+        None if colour else searcher.grey_appearance(full, features.layout))
+    hits = searcher.by_image(features, 4, explain=explain)
+    assert [(h.product, h.score, h.signals) for h in hits] == \
+        [(h.product, h.score, h.signals) for h in expected]
+    assert all(h.product.title and h.product.gender == "Men" for h in hits)  # full products

@@ -140,8 +140,10 @@ class Searcher:
         if not self.ranking.enabled:
             return self.nearest("image", features.vector, k, filters, exclude_ids, extra_filter)
         heads = self.heads
-        pool = self.store.search(features.vector, "image", max(k, self.ranking.candidates),
-                                 self.expression(filters, extra_filter), exclude_ids, True)
+        # The pool carries only what re-ranking reads; the k kept are read in full (store.py).
+        pool = self.store.search_pool(features.vector, "image",
+                                      max(k, self.ranking.candidates),
+                                      self.expression(filters, extra_filter), exclude_ids)
         prior = None
         if heads is not None and heads.attributes and self.prediction_weight > 0:
             colour = features.colour if features.colour is not None else np.zeros(
@@ -149,10 +151,11 @@ class Searcher:
             prior = (with_known_labels(heads.predict(features.vector[None], colour[None])[0],
                                        known), self.prediction_weight)
         if features.has_colour:
-            return _stamp(rerank_hits(pool, features.colour, k, self.weights, explain,
-                                      prior=prior), heads)
-        return _stamp(rerank_hits(pool, None, k, self.weights, explain,
-                                  self.grey_appearance(pool, features.layout), prior), heads)
+            ranked = rerank_hits(pool, features.colour, k, self.weights, explain, prior=prior)
+        else:
+            ranked = rerank_hits(pool, None, k, self.weights, explain,
+                                 self.grey_appearance(pool, features.layout), prior)
+        return _stamp(self.store.complete(ranked), heads)
 
     def grey_appearance(self, pool: Sequence[Hit], layout: np.ndarray | None) -> np.ndarray:
         """For a query photo without colour: how alike each of the GREY_CANDIDATES nearest

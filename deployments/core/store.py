@@ -7,6 +7,7 @@ data dir, writes serialised) or a server URL. Callers see products and scores, n
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import logging
@@ -17,7 +18,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+import grpc
 import numpy as np
+import pymilvus
 from pymilvus import (
     AnnSearchRequest,
     DataType,
@@ -51,6 +54,9 @@ REBUILD = ("rebuild it: `python -m batch_index drop` (same --milvus-uri / --coll
 
 
 COLOUR_FIELD = "colour_vector"
+# What re-ranking reads of each pool candidate (searcher.by_image): labels, the photo (grey
+# likeness) and its hash; with the colour descriptor. Full products only for the k returned.
+POOL_FIELDS = ("id", "title", "article_type", "colour", "image_ref", "image_hash")
 
 
 @dataclass
@@ -127,8 +133,45 @@ def _backend_errors(func):
             raise BackendUnavailable(f"Milvus failed: {exc.message}") from exc
         except (ConnectionError, TimeoutError) as exc:
             raise BackendUnavailable(f"Milvus unreachable: {exc}") from exc
+        except Exception as exc:
+            if not client_failure(exc):
+                raise
+            log.warning("Milvus client error in %s: %r", func.__name__, exc)
+            raise BackendUnavailable(f"Milvus failed: {_client_error_name(exc)}") from exc
 
     return wrapper
+
+
+# Packages whose exceptions mean "the Milvus client failed", whatever their type: raw gRPC errors
+# (DEADLINE_EXCEEDED, UNAVAILABLE; grpc.aio's too) escape pymilvus unwrapped, and they cannot be
+# pickled across Ray, so an unwrapped one reached the ingress as a 500.
+CLIENT_PACKAGES = ("pymilvus", "grpc", "milvus_lite")
+_CLIENT_DIRS = tuple(str(Path(module.__file__).parent) + "/" for module in (pymilvus, grpc))
+
+
+def client_failure(exc: BaseException) -> bool:
+    """Whether an exception came from the Milvus client stack: a pymilvus / gRPC exception type
+    (MilvusException or not), or any exception raised from inside those packages."""
+    if isinstance(exc, (MilvusException, grpc.RpcError, grpc.FutureTimeoutError)):
+        return True
+    if type(exc).__module__.split(".")[0] in CLIENT_PACKAGES:
+        return True
+    tb = exc.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    return tb is not None and tb.tb_frame.f_code.co_filename.startswith(_CLIENT_DIRS)
+
+
+def _client_error_name(exc: BaseException) -> str:
+    """A short, picklable description: the gRPC status when there is one, else the type."""
+    code = getattr(exc, "code", None)
+    if callable(code):
+        try:
+            status = code()
+            return f"gRPC {getattr(status, 'name', status)}"
+        except Exception:  # not a finished call
+            pass
+    return type(exc).__name__
 
 
 class ProductStore:
@@ -234,19 +277,20 @@ class ProductStore:
     @_backend_errors
     def exists(self) -> bool:
         """Whether the collection exists."""
-        return self._client.has_collection(self.collection)
+        return self._client.has_collection(self.collection, **self._write)
 
     @_backend_errors
     def drop(self) -> None:
         """Delete the collection and everything in it."""
-        if self._client.has_collection(self.collection):
-            self._client.drop_collection(self.collection)
+        if self._client.has_collection(self.collection, **self._write):
+            self._client.drop_collection(self.collection, **self._write)
 
     @_backend_errors
     def ping(self) -> None:
         """Raise BackendUnavailable unless Milvus answers."""
         self._client.has_collection(self.collection, **self._read)
 
+    @_backend_errors
     def close(self) -> None:
         """Release the client (Milvus Lite flushes and frees the data dir)."""
         self._client.close()
@@ -335,7 +379,7 @@ class ProductStore:
             return {r["id"]: r["fingerprint"] for r in rows}
         found: dict[str, str] = {}
         iterator = self._client.query_iterator(self.collection, batch_size=4096,
-                                               output_fields=fields)
+                                               output_fields=fields, **self._write)
         while batch := iterator.next():
             found.update((r["id"], r["fingerprint"]) for r in batch)
         iterator.close()
@@ -374,7 +418,8 @@ class ProductStore:
         """For each typed field and JSON attribute: its most common values with counts."""
         counts: dict[str, Counter] = {name: Counter() for name in STRING_FIELDS}
         iterator = self._client.query_iterator(
-            self.collection, batch_size=4096, output_fields=[*STRING_FIELDS, "attributes"])
+            self.collection, batch_size=4096, output_fields=[*STRING_FIELDS, "attributes"],
+            **self._write)
         while batch := iterator.next():
             for row in batch:
                 for name in STRING_FIELDS:
@@ -435,6 +480,41 @@ class ProductStore:
         return [[Hit(self._product(h["entity"]), float(h["distance"]),
                      _colour(h["entity"]) if with_colour else None) for h in row]
                 for row in result]
+
+    @_backend_errors
+    def search_pool(
+        self, vector: np.ndarray, field: VectorField, k: int, filter: str = "",
+        exclude_ids: Sequence[str] = (),
+    ) -> list[Hit]:
+        """`search(..., with_colour=True)` for a re-ranking pool: each hit's product holds only
+        POOL_FIELDS (the rest left at their defaults, unvalidated), so a pool of hundreds costs
+        little to fetch and decode; `complete` then reads the full products of the few kept."""
+        clauses = [f"({filter})" if filter else "", f"not ({expr_in('id', exclude_ids)})"
+                   if exclude_ids else ""]
+        result = self._client.search(
+            self.collection, data=[np.asarray(vector, dtype=np.float32).tolist()],
+            anns_field=VECTOR_FIELDS[field], limit=k, filter=" and ".join(c for c in clauses if c),
+            output_fields=[*POOL_FIELDS, COLOUR_FIELD],
+            search_params={"metric_type": self.settings.metric,
+                           "params": self.settings.search_params}, **self._read,
+        )
+        return [Hit(Product.model_construct(**{f: h["entity"][f] for f in POOL_FIELDS
+                                               if h["entity"].get(f) is not None}),
+                    float(h["distance"]), _colour(h["entity"])) for h in result[0]]
+
+    @_backend_errors
+    def complete(self, hits: Sequence[Hit]) -> list[Hit]:
+        """The hits with their full products, read in one query by id (the searches'
+        consistency, not Strong); a product deleted since the search is left out."""
+        if not hits:
+            return []
+        rows = self._client.query(
+            self.collection, filter=expr_in("id", [h.product.id for h in hits]),
+            output_fields=list(SCALAR_FIELDS), **self._read,
+        )
+        by_id = {r["id"]: self._product(r) for r in rows}
+        return [dataclasses.replace(h, product=by_id[h.product.id]) for h in hits
+                if h.product.id in by_id]
 
     @_backend_errors
     def hybrid_search(
