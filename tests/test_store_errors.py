@@ -103,6 +103,7 @@ CALLS = {
     "fingerprints/ids": lambda s: s.fingerprints(["p1"]),
     "list": lambda s: s.list(),
     "attribute_counts": lambda s: s.attribute_counts(),
+    "vectors_and_labels": lambda s: s.vectors_and_labels(),
     "count": lambda s: s.count(),
     "search": lambda s: s.search(_V, "image", 5),
     "search_batch": lambda s: s.search_batch(_V[None], "image", 5),

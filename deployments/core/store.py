@@ -393,7 +393,7 @@ class ProductStore:
         fields = ["id", "title", *STRING_FIELDS, *VECTOR_FIELDS.values(), COLOUR_FIELD]
         rows: list[dict[str, Any]] = []
         iterator = self._client.query_iterator(self.collection, batch_size=batch_size,
-                                               output_fields=fields)
+                                               output_fields=fields, **self._write)
         while batch := iterator.next():
             rows.extend(batch)
         iterator.close()
