@@ -33,6 +33,10 @@ class ImageEncoder:
         """Vector dimension of the model."""
         return self.encoder.dim
 
+    def model_id(self) -> str:
+        """What made this replica's vectors (deployments.core.versions.image_model_id)."""
+        return self.encoder.model_id
+
     async def embed(self, image: bytes) -> encoders.ImageFeatures:
         """Vector and colour descriptor of encoded image bytes; InvalidInput if unreadable."""
         result = await self._embed_batch((image, time.monotonic()))

@@ -28,6 +28,10 @@ class TextEncoder:
         """Vector dimension of the model."""
         return self.encoder.dim
 
+    def model_id(self) -> str:
+        """What made this replica's vectors (deployments.core.versions.text_model_id)."""
+        return self.encoder.model_id
+
     async def embed(self, text: str) -> np.ndarray:
         """One L2-normalised vector for a string."""
         return await self._embed_batch((text, time.monotonic()))
