@@ -25,12 +25,7 @@ from deployments.core.filters import Filters
 from deployments.core.media import MediaStore
 from deployments.core.products import Product
 from deployments.core.searcher import Searcher
-from deployments.core.settings import (
-    ImageModelSettings,
-    MilvusSettings,
-    RankingSettings,
-    TextModelSettings,
-)
+from deployments.core.settings import MilvusSettings, RankingSettings
 from deployments.core.store import Hit, ProductStore, VectorField
 from deployments.core.versions import EncoderIdentity, VersionAdmin, VersionRouter
 
@@ -47,12 +42,13 @@ class ProductSearch:
     async def __init__(
         self, milvus: MilvusSettings, media_dir: str,
         image_encoder: DeploymentHandle, text_encoder: DeploymentHandle,
-        ranking: RankingSettings | None = None, image_model: ImageModelSettings | None = None,
-        text_model: TextModelSettings | None = None,
+        ranking: RankingSettings | None = None,
     ) -> None:
-        image_dim, text_dim, image_id, text_id = await asyncio.gather(
+        # The encoders say what they run, so a model change redeploys them, not this.
+        image_dim, text_dim, image_id, text_id, image_model, text_model = await asyncio.gather(
             image_encoder.dim.remote(), text_encoder.dim.remote(),
-            image_encoder.model_id.remote(), text_encoder.model_id.remote())
+            image_encoder.model_id.remote(), text_encoder.model_id.remote(),
+            image_encoder.model_settings.remote(), text_encoder.model_settings.remote())
         self.dims = {"image": image_dim, "text": text_dim}
         media = MediaStore(media_dir)
 

@@ -171,7 +171,8 @@ class VersionRouter:
                 raise IncompatibleStore(f"no collection {self.alias!r}; create it first")
             target = version_name(self.alias, 1)
             provenance = Provenance.of(image, encoders.image_dim, text, encoders.text_dim,
-                                       self.store.settings, version=1)
+                                       self.store.settings, version=1).model_copy(update={
+                "image_model": encoders.image_model, "text_model": encoders.text_model})
             self.store.create_version(target, encoders.image_dim, encoders.text_dim,
                                       provenance.model_dump_json())
             self.store.point_alias(target)
