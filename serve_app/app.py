@@ -55,7 +55,6 @@ def build_app(args: dict[str, Any] | AppSettings) -> Application:
     )
     search = ProductSearch.options(**deployment_options(settings.search)).bind(
         settings.milvus, settings.media_dir, image, text, settings.ranking,
-        settings.image_model, settings.text_model,
     )
     return SearchAPI.options(**deployment_options(settings.ingress)).bind(
         settings, image, text, search

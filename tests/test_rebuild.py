@@ -12,7 +12,6 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-import yaml
 
 from deployments.core.errors import BackendUnavailable, IncompatibleStore
 from deployments.core.settings import ImageModelSettings, MilvusSettings, TextModelSettings
@@ -24,7 +23,7 @@ from deployments.core.versions import (
     VersionRouter,
     image_model_id,
 )
-from tests.support import LiteServer, free_port, wait_healthy
+from tests.support import LiteServer, free_port, perturbed_checkpoint, wait_healthy, write_config
 
 REBUILD_KEY = "rebuild-app-write-key"
 A = EncoderIdentity(image_model="model-a", image_dim=8, text_model="text", text_dim=4)
@@ -108,32 +107,6 @@ def test_queries_go_to_the_version_of_their_model_and_writes_to_the_live_one(tmp
 
 
 # -- the whole flow on local Ray, a Milvus server and Serve ------------------------------------
-def _checkpoint(path: Path) -> Path:
-    """tf_efficientnet_lite0 with the packaged weights, perturbed: another model's vectors
-    (measured: the same photo's cosine across the two is about 0.2)."""
-    import timm
-    import torch
-
-    from deployments.core.encoders import _load_package_weights
-
-    torch.manual_seed(0)
-    model = timm.create_model("tf_efficientnet_lite0", pretrained=False)
-    model.load_state_dict(_load_package_weights(model), strict=True)
-    state = model.state_dict()
-    for tensor in state.values():
-        if tensor.dtype.is_floating_point and tensor.ndim == 4:
-            tensor.add_(torch.randn_like(tensor) * tensor.std() * 0.3)
-    torch.save(state, path)
-    return path
-
-
-def _config(path: Path, settings) -> Path:
-    """A Serve config file with these settings (what the CLI reads)."""
-    args = json.loads(settings.model_dump_json(exclude={"auth"}))
-    path.write_text(yaml.safe_dump({"applications": [{"name": "rebuild", "args": args}]}))
-    return path
-
-
 class ShopperLoad:
     """Shoppers searching by the photos of known products; each answer is checked: the product
     itself must come back with cosine ~1 (a query vector searched against another model's
@@ -206,10 +179,10 @@ def test_rebuild_into_a_new_model_and_swap_under_load(service, settings_factory,
             root, milvus={"uri": server.uri, "collection": "catalog"},
             demo={"enabled": True, "size": 24, "dir": str(root / "demo")},
             auth={"api_keys": [REBUILD_KEY]})
-        weights = _checkpoint(root / "perturbed.pt")
+        weights = perturbed_checkpoint(root / "perturbed.pt")
         v2_settings = v1_settings.model_copy(update={"image_model": v1_settings.image_model
                                                      .model_copy(update={"weights": str(weights)})})
-        config = _config(root / "config.yaml", v1_settings)
+        config = write_config(root / "config.yaml", v1_settings)
         serve.run(build_app(v1_settings), name="rebuild", route_prefix="/rebuild")
         url = f"{service}/rebuild"
         wait_healthy(url, products=24)
@@ -308,3 +281,21 @@ def test_rebuild_check_fails_on_a_short_version(tmp_path):
     report = admin.check(v2, "catalog__v1", sample=5)
     assert report["ok"], report
     assert report["found_self"] == 5 and report["recall@10"] == 1.0
+
+
+def test_the_job_names_missing_packages_and_the_fix(tmp_path):
+    """What a job submitted without the venv meets first (the cluster's own `python`)."""
+    import subprocess
+    import sys
+
+    from batch_index import environment
+
+    assert environment.missing_packages() == []
+    bare = tmp_path / "bare"  # a Python without the project's packages
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(bare)], check=True)
+    done = subprocess.run([str(bare / "bin" / "python"), "-m", "batch_index", "versions"],
+                          cwd=Path(__file__).resolve().parents[1], capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode == 1
+    assert "lacks numpy, pandas" in done.stderr and "py_executable" in done.stderr
+    assert "ModuleNotFoundError" not in done.stderr
