@@ -171,6 +171,7 @@ def cmd_index(args: argparse.Namespace, settings: AppSettings) -> int:
                              "own collection; drop --collection/--milvus-uri or use --via-service "
                              "no with another store")
         print(f"writing through the running service {args.app_name!r} (it owns the store)")
+        versions.check_service_model(search, settings)
         known = {} if args.force else search.fingerprints.remote(None).result()
         writer = pipeline.service_writer(search)
         options.writers = 1

@@ -289,3 +289,20 @@ def main(args: argparse.Namespace, settings: AppSettings) -> int:
     """Run one version command."""
     return {"rebuild": cmd_rebuild, "swap": cmd_swap, "rollback": cmd_rollback, "gc": cmd_gc,
             "versions": cmd_versions}[args.command](args, settings)
+
+
+def check_service_model(handle, settings: AppSettings) -> None:
+    """Before `index` writes through the service: SystemExit unless the live version's vectors
+    come from the configured models (the job would otherwise store another model's vectors)."""
+    from deployments.core.versions import image_model_id, text_model_id
+
+    admin = ServiceAdmin(handle)
+    made = admin.provenance(admin.live())
+    if made is None:
+        return
+    wanted = {"image_model": image_model_id(settings.image_model),
+              "text_model": text_model_id(settings.text_model)}
+    wrong = [f"{k}: live {made[k]!r}, config {v!r}" for k, v in wanted.items() if made[k] != v]
+    if wrong:
+        raise SystemExit(f"the live index was made by other models ({'; '.join(wrong)}); index "
+                         "with the config that made it, or `rebuild` into the new model first")
