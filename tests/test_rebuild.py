@@ -189,14 +189,15 @@ def test_rebuild_into_a_new_model_and_swap_under_load(service, settings_factory,
         auth = {"Authorization": f"Bearer {REBUILD_KEY}"}
         client = httpx.Client(base_url=url, timeout=60)
         listed = client.get("/products", params={"limit": 100}).json()
-        ids = sorted(p["id"] for p in listed["products"])
+        ids = sorted(p["id"] for p in listed["results"])
         photos = {pid: client.get(f"/images/{pid}").content for pid in ids}
         before = {pid: _top(client, photos[pid]) for pid in ids[:4]}
         assert client.get("/healthz").json()["version"]["collection"] == "catalog__v1"
 
-        new_photo = jpeg_bytes(draw_product("Bags", "Green", 9999))
+        searched = {pid: photos[pid] for pid in ids[:12] if pid != ids[6]}  # ids[6]: deleted
+        new_photo = jpeg_bytes(draw_product("Mugs", "Green", "Dotted", seed=9999))
         changed = {"id": ids[5], "title": "Renamed during the rebuild", "colour": "Green"}
-        with ShopperLoad(url, {pid: photos[pid] for pid in ids[:12]}) as load:
+        with ShopperLoad(url, searched) as load:
             started = time.monotonic()
             rebuild = threading.Thread(target=lambda: results.append(batch_index(
                 ["rebuild", "--config", str(config), "--image-weights", str(weights)])))
@@ -240,7 +241,7 @@ def test_rebuild_into_a_new_model_and_swap_under_load(service, settings_factory,
 
         # Rollback: the alias back to v1, the encoders back to the old model; v1's answers.
         assert batch_index(["rollback", "--config", str(config)]) == 0
-        with ShopperLoad(url, {pid: photos[pid] for pid in ids[:12]}) as load:
+        with ShopperLoad(url, searched) as load:
             serve.run(build_app(v1_settings), name="rebuild", route_prefix="/rebuild")
             time.sleep(2)
         assert set(load.outcomes) == {"ok"}, (load.outcomes, load.bad[:5])
