@@ -226,8 +226,9 @@ def test_rebuild_into_a_new_model_and_swap_under_load(service, settings_factory,
             rebuild.join()
             assert results == [0]
             r = client.post("/products", headers=auth, files={"image": ("n.jpg", new_photo)},
-                            data={"product": json.dumps({"id": "added-during-rebuild",
-                                                         "title": "New green mug"})})
+                            data={"product": json.dumps({
+                                "id": "added-during-rebuild", "title": "New green mug",
+                                "article_type": "Mugs", "colour": "Green"})})
             assert r.status_code == 201, r.text
             assert client.delete(f"/products/{ids[6]}", headers=auth).status_code == 204
             capsys.readouterr()
@@ -279,9 +280,9 @@ def test_rebuild_into_a_new_model_and_swap_under_load(service, settings_factory,
         for pid, top in before.items():
             assert _top(client, photos[pid])[0] == top[0]
 
-        # gc keeps the live version; `versions` lists what made each.
+        # gc keeps the newest version and the live one (rolled back to: v1).
         assert batch_index(["gc", "--keep", "1", "--config", str(config)]) == 0
-        assert [v["collection"] for v in admin.versions()] == ["catalog__v1"]
+        assert [v["collection"] for v in admin.versions()] == ["catalog__v1", "catalog__v2"]
         store.close()
         client.close()
     finally:
@@ -330,3 +331,21 @@ def test_the_job_names_missing_packages_and_the_fix(tmp_path):
     assert done.returncode == 1
     assert "lacks numpy, pandas" in done.stderr and "py_executable" in done.stderr
     assert "ModuleNotFoundError" not in done.stderr
+
+
+def test_gc_drops_versions_past_the_newest_but_never_the_live_one(tmp_path):
+    from batch_index.__main__ import main as batch_index
+
+    router = _router(tmp_path)
+    admin = VersionAdmin(router.store)
+    for _ in range(3):
+        _add_version(router, B)
+    admin.point("catalog__v3")
+    router.store.close()
+    cli = ["--milvus-uri", str(tmp_path / "m.db"), "--collection", "catalog", "--via-service",
+           "no"]
+    assert batch_index(["gc", "--keep", "2", *cli]) == 0  # v4 (newest), v3 (live) stay
+    store = ProductStore(MilvusSettings(uri=str(tmp_path / "m.db"), collection="catalog"))
+    assert [v["collection"] for v in VersionAdmin(store).versions()] == [
+        "catalog__v3", "catalog__v4"]
+    store.close()
