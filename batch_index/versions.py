@@ -46,6 +46,9 @@ def add_commands(sub, common: argparse.ArgumentParser) -> None:
     check = argparse.ArgumentParser(add_help=False)
     check.add_argument("--sample", type=int, default=20, help="products sampled by the checks")
     check.add_argument("--min-recall", type=float, default=0.9, help="ANN recall@10 needed")
+    check.add_argument("--max-lag", type=int, default=5, help="catch-up passes repeat until "
+                       "one re-embeds or deletes at most this many products")
+    check.add_argument("--max-passes", type=int, default=4, help="catch-up passes at most")
     rebuild = sub.add_parser("rebuild", parents=[common, job, embed],
                              help="re-embed the live catalogue into a new version")
     rebuild.add_argument("--model-config", help="Serve config with the new model settings")
@@ -148,9 +151,12 @@ def _options(args: argparse.Namespace):
 
 
 def sync(admin, live: str, new: str, settings: AppSettings, media_dir: str,
-         args: argparse.Namespace) -> dict[str, Any]:
+         args: argparse.Namespace, since: dict[str, str] | None = None) -> dict[str, Any]:
     """Make version `new` hold the live products, embedded by `settings`' models: re-embed
-    those new or changed since (by content fingerprint), delete those gone."""
+    those new or changed (by content fingerprint), delete those gone. With `since` (the live
+    fingerprints an earlier pass read), only what changed in the live version since then, and
+    never over a product the new version got newer writes for. The result's `snapshot` is the
+    live fingerprints this pass read."""
     import os
 
     import ray
@@ -159,10 +165,16 @@ def sync(admin, live: str, new: str, settings: AppSettings, media_dir: str,
 
     products = admin.products(live)
     known = admin.fingerprints(new)
-    current = {p.id for p in products}
-    gone = [i for i in known if i not in current]
+    current = {p.id: p.fingerprint for p in products}
+    if since is None:
+        gone = [i for i in known if i not in current]
+        todo = {p.id for p in products if known.get(p.id) != p.fingerprint}
+    else:  # after the swap: the live version's last writes, where the new one has none since
+        untouched = {i for i in {*since, *current} if known.get(i) == since.get(i)}
+        gone = [i for i in since if i not in current and i in untouched]
+        todo = {i for i, f in current.items() if since.get(i) != f and i in untouched}
     rows = [CatalogRow(i, p.id, p.model_dump_json(), str(Path(media_dir) / p.image_ref))
-            for i, p in enumerate(products) if known.get(p.id) != p.fingerprint]
+            for i, p in enumerate(products) if p.id in todo]
     indexed = 0
     if rows:
         if not ray.is_initialized():
@@ -175,7 +187,8 @@ def sync(admin, live: str, new: str, settings: AppSettings, media_dir: str,
         indexed = summary.indexed
     admin.delete(new, gone)
     admin.flush(new)
-    return {"embedded": indexed, "deleted": len(gone), "live_rows": len(products)}
+    return {"embedded": indexed, "deleted": len(gone), "live_rows": len(products),
+            "snapshot": current}
 
 
 def cmd_rebuild(args: argparse.Namespace, live_settings: AppSettings) -> int:
@@ -203,6 +216,7 @@ def cmd_rebuild(args: argparse.Namespace, live_settings: AppSettings) -> int:
     new = admin.create_next(json.loads(provenance.model_dump_json()), image_dim, text_dim)
     print(f"rebuilding {live} -> {new} with {provenance.image_model}")
     result = sync(admin, live, new, settings, live_settings.media_dir, args)
+    result.pop("snapshot")
     result.update(collection=new, live=live, seconds=round(time.perf_counter() - start, 1))
     print("rebuild " + json.dumps(result))
     print(f"next: `python -m batch_index swap` (checks {new}, then moves the alias to it), and "
@@ -234,15 +248,28 @@ def cmd_swap(args: argparse.Namespace, live_settings: AppSettings) -> int:
             update=provenance.get("image_settings", {})),
         "text_model": live_settings.text_model.model_copy(
             update=provenance.get("text_settings", {}))})
-    caught_up = sync(admin, live, newest["collection"], settings, live_settings.media_dir, args)
-    report = admin.check(newest["collection"], live, args.sample, 10, args.min_recall)
-    print("catch-up " + json.dumps(caught_up))
+    new = newest["collection"]
+    # Catch up until a pass finds little to do (writes keep coming while a pass embeds).
+    passes = []
+    for _ in range(args.max_passes):
+        caught_up = sync(admin, live, new, settings, live_settings.media_dir, args)
+        snapshot = caught_up.pop("snapshot")
+        passes.append(caught_up)
+        if caught_up["embedded"] + caught_up["deleted"] <= args.max_lag:
+            break
+    print("catch-up " + json.dumps(caught_up) + f" ({len(passes)} passes)")
+    report = admin.check(new, live, args.sample, 10, args.min_recall, len(snapshot))
     print("check " + json.dumps(report))
     if not report["ok"]:
-        print(f"not swapped: {newest['collection']} failed its checks; the alias stays on {live}")
+        print(f"not swapped: {new} failed its checks; the alias stays on {live}")
         return 1
-    admin.point(newest["collection"])
-    print(f"alias {live_settings.milvus.collection!r}: {live} -> {newest['collection']} "
+    admin.point(new)
+    # Writes the live version took after the last pass (up to the move: from then on writes
+    # go to the new version) are carried over now.
+    after = sync(admin, live, new, settings, live_settings.media_dir, args, since=snapshot)
+    after.pop("snapshot")
+    print("after-swap " + json.dumps(after))
+    print(f"alias {live_settings.milvus.collection!r}: {live} -> {new} "
           f"({time.perf_counter() - start:.1f} s)")
     return 0
 

@@ -73,7 +73,8 @@ def run(args: argparse.Namespace, report, window) -> dict:
         record.marks["rebuilt"] = time.monotonic()
         outcome["swap_rc"] = batch_index(["swap", "--config", str(config)])
         record.marks["swapped"] = time.monotonic()
-        serve.run(build_app(new), name="stress", route_prefix="/")
+        if outcome["swap_rc"] == 0:  # a refused swap keeps the old model everywhere
+            serve.run(build_app(new), name="stress", route_prefix="/")
         record.marks["encoders_switched"] = time.monotonic()
 
     changer = threading.Thread(target=change_model)

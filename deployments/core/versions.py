@@ -357,14 +357,17 @@ class VersionAdmin:
         self.store.for_collection(collection).flush()
 
     def check(self, new: str, live: str, sample: int = 20, k: int = 10,
-              min_recall: float = 0.9) -> dict[str, Any]:
+              min_recall: float = 0.9, live_rows: int | None = None) -> dict[str, Any]:
         """Before a swap: the same row count as the live version, each sampled product finds
         itself in the top k by its own photo vector, and ANN recall@k against exact search on
-        the sample is at least min_recall. Returns the figures and `ok`."""
+        the sample is at least min_recall (`live_rows`: the live count to match, as read by the
+        last catch-up; default: now). Returns the figures and `ok`."""
         import numpy as np
 
         target = self.store.for_collection(new)
-        rows, live_rows = target.count(), self.store.for_collection(live).count()
+        rows = target.count()
+        if live_rows is None:
+            live_rows = self.store.for_collection(live).count()
         ids, matrix = target.vectors("image")
         rng = np.random.default_rng(0)
         picks = rng.choice(len(ids), size=min(sample, len(ids)), replace=False) if ids else []
