@@ -235,12 +235,15 @@ def test_rebuild_into_a_new_model_and_swap_under_load(service, settings_factory,
             swap_began = time.monotonic()
             assert batch_index(["swap", "--config", str(config)]) == 0
             swapped = time.monotonic()
-            caught_up = json.loads(capsys.readouterr().out.split("catch-up ")[1].splitlines()[0])
+            out = capsys.readouterr().out
+            caught_up = json.loads(out.split("catch-up ")[1].split(" (")[0])
+            after_swap = json.loads(out.split("after-swap ")[1].splitlines()[0])
             # The encoders switch to the new model: a rolling update of the graph.
             serve.run(build_app(v2_settings), name="rebuild", route_prefix="/rebuild")
             switched = time.monotonic()
             time.sleep(3)
         assert caught_up["embedded"] >= 1 and caught_up["deleted"] == 1, caught_up
+        assert after_swap["embedded"] == after_swap["deleted"] == 0  # no writes came meanwhile
         assert load.outcomes["ok"] > 20, load.outcomes
         assert "mixed" not in load.outcomes, load.bad[:5]  # never another model's answer
         during_swap = load.between(swap_began, switched + 3)
