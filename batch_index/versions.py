@@ -150,6 +150,20 @@ def _options(args: argparse.Namespace):
         task_cpus=args.task_cpus, writers=1)
 
 
+def changes(current: dict[str, str], known: dict[str, str],
+            since: dict[str, str] | None = None) -> tuple[set[str], list[str]]:
+    """Which ids to re-embed into the new version and which to delete from it, by content
+    fingerprint: `current` the live version's, `known` the new version's, `since` the live
+    version's as an earlier pass read them (then only what changed in the live version since,
+    and never over an id the new version was written since)."""
+    if since is None:
+        return ({i for i, f in current.items() if known.get(i) != f},
+                [i for i in known if i not in current])
+    untouched = {i for i in {*since, *current} if known.get(i) == since.get(i)}
+    return ({i for i, f in current.items() if since.get(i) != f and i in untouched},
+            [i for i in since if i not in current and i in untouched])
+
+
 def sync(admin, live: str, new: str, settings: AppSettings, media_dir: str,
          args: argparse.Namespace, since: dict[str, str] | None = None) -> dict[str, Any]:
     """Make version `new` hold the live products, embedded by `settings`' models: re-embed
@@ -164,15 +178,9 @@ def sync(admin, live: str, new: str, settings: AppSettings, media_dir: str,
     from batch_index import pipeline
 
     products = admin.products(live)
-    known = admin.fingerprints(new)
     current = {p.id: p.fingerprint for p in products}
-    if since is None:
-        gone = [i for i in known if i not in current]
-        todo = {p.id for p in products if known.get(p.id) != p.fingerprint}
-    else:  # after the swap: the live version's last writes, where the new one has none since
-        untouched = {i for i in {*since, *current} if known.get(i) == since.get(i)}
-        gone = [i for i in since if i not in current and i in untouched]
-        todo = {i for i, f in current.items() if since.get(i) != f and i in untouched}
+    known = admin.fingerprints(new)
+    todo, gone = changes(current, known, since)
     rows = [CatalogRow(i, p.id, p.model_dump_json(), str(Path(media_dir) / p.image_ref))
             for i, p in enumerate(products) if p.id in todo]
     indexed = 0

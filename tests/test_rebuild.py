@@ -352,3 +352,19 @@ def test_gc_drops_versions_past_the_newest_but_never_the_live_one(tmp_path):
     assert [v["collection"] for v in VersionAdmin(store).versions()] == [
         "catalog__v3", "catalog__v4"]
     store.close()
+
+
+def test_catch_up_picks_changed_new_and_gone_products_and_never_newer_writes():
+    from batch_index.versions import changes
+
+    live = {"a": "1", "b": "2", "c": "3"}
+    new = {"a": "1", "b": "old", "d": "4"}
+    todo, gone = changes(live, new)
+    assert todo == {"b", "c"} and gone == ["d"]
+    # After the swap: the live version took writes up to the move (b changed, c deleted, e
+    # added); the new version was written since for b2 only.
+    snapshot = {"a": "1", "b": "2", "c": "3", "b2": "5"}
+    live = {"a": "1", "b": "2x", "e": "6", "b2": "5y"}
+    new = {"a": "1", "b": "2", "c": "3", "b2": "newer"}
+    todo, gone = changes(live, new, since=snapshot)
+    assert todo == {"b", "e"} and gone == ["c"]  # b2 keeps its newer write
