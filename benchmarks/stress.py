@@ -13,7 +13,7 @@ successful response). Two ways to run it:
 
     # rebuild mode: own stack; rebuilds the index with another image model, swaps the alias and
     # rolls the encoders over, under load (benchmarks/rebuild_fault.py):
-    .venv/bin/python -m benchmarks.stress --rebuild --users 4 --seconds 120
+    .venv/bin/python -m benchmarks.stress --rebuild --users 4 --seconds 300
 """
 
 from __future__ import annotations
