@@ -27,6 +27,7 @@ from deployments.core.catalog import CatalogRow
 from deployments.core.settings import AppSettings, load_settings
 
 COMMANDS = ("rebuild", "swap", "rollback", "gc", "versions")
+_OPENED: list = []  # stores a command opened, closed when it ends
 
 
 def add_commands(sub, common: argparse.ArgumentParser) -> None:
@@ -99,7 +100,9 @@ def _admin(args: argparse.Namespace, settings: AppSettings):
         return ServiceAdmin(handle)
     from batch_index.__main__ import open_store
 
-    return VersionAdmin(open_store(settings))
+    store = open_store(settings)
+    _OPENED.append(store)
+    return VersionAdmin(store)
 
 
 def _handle(args: argparse.Namespace, settings: AppSettings):
@@ -322,8 +325,12 @@ def cmd_versions(args: argparse.Namespace, live_settings: AppSettings) -> int:
 
 def main(args: argparse.Namespace, settings: AppSettings) -> int:
     """Run one version command."""
-    return {"rebuild": cmd_rebuild, "swap": cmd_swap, "rollback": cmd_rollback, "gc": cmd_gc,
-            "versions": cmd_versions}[args.command](args, settings)
+    try:
+        return {"rebuild": cmd_rebuild, "swap": cmd_swap, "rollback": cmd_rollback,
+                "gc": cmd_gc, "versions": cmd_versions}[args.command](args, settings)
+    finally:
+        while _OPENED:
+            _OPENED.pop().close()
 
 
 def check_service_model(handle, settings: AppSettings) -> None:
