@@ -15,6 +15,7 @@ import os
 import sys
 from pathlib import Path
 
+from batch_index import versions
 from deployments.core.catalog import read_csv_catalog, read_folder_catalog
 from deployments.core.errors import SearchError
 from deployments.core.settings import DEFAULT_CONFIG, AppSettings, load_settings
@@ -67,6 +68,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     index.add_argument("--write-timeout", type=float, default=300,
                        help="seconds a batch write may take (Milvus Lite stalls writes while "
                        "it builds an index after each 128 MB)")
+    versions.add_commands(sub, common)
     return parser.parse_args(argv)
 
 
@@ -97,18 +99,31 @@ def open_store(settings: AppSettings):
 
 def cmd_create(settings: AppSettings) -> None:
     """Create the collection with dims read from the configured models."""
-    from deployments.core.encoders import model_dims
-
     store = open_store(settings)
-    store.ensure_collection(*model_dims(settings.image_model, settings.text_model))
-    print(f"collection {settings.milvus.collection!r} ready at {settings.milvus.uri}")
+    live = ensure_live(store, settings)
+    print(f"collection {settings.milvus.collection!r} ({live}) ready at {settings.milvus.uri}")
     store.close()
+
+
+def ensure_live(store, settings: AppSettings) -> str:
+    """The physical collection behind the alias (a fresh store gets `<name>__v1`), refused
+    when its vectors come from other models than the configured ones."""
+    from deployments.core.encoders import model_dims
+    from deployments.core.versions import ensure_live as ensure
+    from deployments.core.versions import image_model_id, text_model_id
+
+    image_dim, text_dim = model_dims(settings.image_model, settings.text_model)
+    return ensure(store, settings.image_model, settings.text_model,
+                  image_model_id(settings.image_model), image_dim,
+                  text_model_id(settings.text_model), text_dim)
 
 
 def cmd_drop(settings: AppSettings) -> None:
     """Delete the collection."""
+    from deployments.core.versions import VersionAdmin
+
     store = open_store(settings)
-    store.drop()
+    VersionAdmin(store).drop_all()
     print(f"collection {settings.milvus.collection!r} dropped")
     store.close()
 
@@ -122,6 +137,10 @@ def cmd_stats(settings: AppSettings) -> None:
         from deployments.core.encoders import model_dims
 
         store.ensure_collection(*model_dims(settings.image_model, settings.text_model))
+        from deployments.core.versions import VersionAdmin
+
+        admin = VersionAdmin(store)
+        stats.update(live=admin.live(), versions=admin.versions())
         stats.update(rows=store.count(), metric=settings.milvus.metric,
                      index_type=settings.milvus.index_type,
                      index_params=settings.milvus.index_params)
@@ -159,14 +178,14 @@ def cmd_index(args: argparse.Namespace, settings: AppSettings) -> int:
                              "own collection; drop --collection/--milvus-uri or use --via-service "
                              "no with another store")
         print(f"writing through the running service {args.app_name!r} (it owns the store)")
+        versions.check_service_model(search, settings)
         known = {} if args.force else search.fingerprints.remote(None).result()
         writer = pipeline.service_writer(search)
         options.writers = 1
     else:
-        from deployments.core.encoders import model_dims
 
         store = open_store(settings)
-        store.ensure_collection(*model_dims(settings.image_model, settings.text_model))
+        ensure_live(store, settings)
         known = {} if args.force else store.fingerprints()
         writer = pipeline.direct_writer(settings, store)
     summary = pipeline.run_index(rows, rejects, settings, known, writer, options)
@@ -227,6 +246,8 @@ def main(argv: list[str] | None = None) -> int:
         return cmd_index(args, settings)
     if args.command == "fit":
         return cmd_fit(args, settings)
+    if args.command in versions.COMMANDS:
+        return versions.main(args, settings)
     {"create": cmd_create, "drop": cmd_drop, "stats": cmd_stats}[args.command](settings)
     return 0
 

@@ -10,6 +10,10 @@ successful response). Two ways to run it:
     # encoder replicas), kills an image-encoder replica at 1/3 of the run, stops Milvus for
     # --outage seconds at 1/2, restarts it, then checks every acknowledged write is still there:
     .venv/bin/python -m benchmarks.stress --fault --users 8 --seconds 60
+
+    # rebuild mode: own stack; rebuilds the index with another image model, swaps the alias and
+    # rolls the encoders over, under load (benchmarks/rebuild_fault.py):
+    .venv/bin/python -m benchmarks.stress --rebuild --users 4 --seconds 300
 """
 
 from __future__ import annotations
@@ -133,8 +137,15 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=60)
     parser.add_argument("--fault", action="store_true", help="start own stack and inject faults")
     parser.add_argument("--outage", type=float, default=10, help="seconds Milvus stays down")
+    parser.add_argument("--rebuild", action="store_true", help="start own stack; change the "
+                        "image model under load (rebuild, swap, encoder rollout)")
+    parser.add_argument("--products", type=int, default=48, help="demo catalogue (--rebuild)")
     args = parser.parse_args()
-    if args.fault:
+    if args.rebuild:
+        from benchmarks import rebuild_fault
+
+        result = rebuild_fault.run(args, report, window)
+    elif args.fault:
         result = fault_run(args)
     else:
         if not args.url:
@@ -145,10 +156,11 @@ def main() -> None:
                              write_headers=write_headers()))
         result = report(record, args.seconds)
     result.update(date=time.strftime("%Y-%m-%d %H:%M"), users=args.users, seconds=args.seconds,
-                  fault=args.fault)
+                  fault=args.fault, rebuild=args.rebuild)
     print(json.dumps(result, indent=2))
     OUT.mkdir(exist_ok=True)
-    name = "stress_fault.json" if args.fault else "stress.json"
+    name = ("stress_rebuild.json" if args.rebuild else "stress_fault.json" if args.fault
+            else "stress.json")
     (OUT / name).write_text(json.dumps(result, indent=2))
 
 

@@ -33,6 +33,14 @@ class ImageEncoder:
         """Vector dimension of the model."""
         return self.encoder.dim
 
+    def model_id(self) -> str:
+        """What made this replica's vectors (deployments.core.versions.image_model_id)."""
+        return self.encoder.model_id
+
+    def model_settings(self) -> ImageModelSettings:
+        """The settings this replica's model was built from (recorded as provenance)."""
+        return self.encoder.settings
+
     async def embed(self, image: bytes) -> encoders.ImageFeatures:
         """Vector and colour descriptor of encoded image bytes; InvalidInput if unreadable."""
         result = await self._embed_batch((image, time.monotonic()))

@@ -20,17 +20,20 @@ from ray.serve.handle import DeploymentHandle
 
 from deployments import metrics
 from deployments.core.encoders import ImageFeatures
+from deployments.core.errors import InvalidInput
 from deployments.core.filters import Filters
-from deployments.core.heads import current_version, heads_folder, load_heads
+from deployments.core.heads import current_version, heads_folder, load_heads, model_ids
 from deployments.core.media import MediaStore
 from deployments.core.products import Product
 from deployments.core.searcher import Searcher
 from deployments.core.settings import HeadSettings, MilvusSettings, RankingSettings
 from deployments.core.store import Hit, ProductStore, VectorField
+from deployments.core.versions import EncoderIdentity, VersionAdmin, VersionRouter
 
 log = logging.getLogger("ray.serve")
 T = TypeVar("T")
 VOCABULARY_REFRESH_S = 5.0  # how soon after writes /attributes counts are exact again
+ALIAS_REFRESH_S = 0.5  # how soon reads follow a moved alias (writes re-read it every time)
 
 
 @serve.deployment
@@ -41,20 +44,34 @@ class ProductSearch:
         self, milvus: MilvusSettings, media_dir: str,
         image_encoder: DeploymentHandle, text_encoder: DeploymentHandle,
         ranking: RankingSettings | None = None, heads: HeadSettings | None = None,
-        model_ids: tuple[str, str] = ("", ""),
     ) -> None:
-        image_dim, text_dim = await asyncio.gather(
-            image_encoder.dim.remote(), text_encoder.dim.remote())
+        # The encoders say what they run, so a model change redeploys them, not this.
+        image_dim, text_dim, image_id, text_id, image_model, text_model = await asyncio.gather(
+            image_encoder.dim.remote(), text_encoder.dim.remote(),
+            image_encoder.model_id.remote(), text_encoder.model_id.remote(),
+            image_encoder.model_settings.remote(), text_encoder.model_settings.remote())
         self.dims = {"image": image_dim, "text": text_dim}
-        self.searcher = Searcher(ProductStore(milvus), MediaStore(media_dir), ranking)
-        await asyncio.to_thread(self.searcher.start, image_dim, text_dim)
+        media = MediaStore(media_dir)
+
+        def open_version(store: ProductStore) -> Searcher:
+            searcher = Searcher(store, media, ranking)
+            searcher.prediction_weight = (heads or HeadSettings()).prediction_weight
+            searcher.start(image_dim, text_dim)
+            return searcher
+
+        # Queries go to the collection version made by the model that embedded them.
+        self.router = VersionRouter(ProductStore(milvus), open_version)
+        identity = EncoderIdentity(image_model=image_id, image_dim=image_dim,
+                                   text_model=text_id, text_dim=text_dim)
+        await asyncio.to_thread(self.router.start, identity, image_model, text_model)
         self._refresher = asyncio.get_running_loop().create_task(self._refresh_vocabulary())
+        self._follower = asyncio.get_running_loop().create_task(self._follow_alias())
         # Fitted heads: the current artifact of this collection, re-read when a new fit appears
         # (`batch_index fit` writes it) or when `user_config` pins a version (reconfigure).
         self.head_settings = heads or HeadSettings()
-        self.searcher.prediction_weight = self.head_settings.prediction_weight
         self.heads_dir = heads_folder(self.head_settings.dir, milvus.collection)
-        self.model_ids = model_ids
+        # Heads are refused unless fitted on these models (deployments.core.heads).
+        self.model_ids = model_ids(image_model, text_model)
         self.pinned_version: str | None = None
         self.heads_error: str | None = None
         with contextlib.suppress(Exception):  # a bad artifact: serve without it, say so
@@ -98,6 +115,18 @@ class ProductSearch:
             with contextlib.suppress(Exception):  # logged in reload_heads; try again next round
                 await self.reload_heads()
 
+    async def _follow_alias(self) -> None:
+        """Notice soon when `batch_index swap` / `rollback` moves the alias."""
+        while True:
+            await asyncio.sleep(ALIAS_REFRESH_S)
+            with contextlib.suppress(Exception):  # Milvus down: try again next round
+                await asyncio.to_thread(self.router.refresh)
+
+    @property
+    def searcher(self) -> Searcher:
+        """The Searcher of the version the alias points at."""
+        return self.router.for_query()
+
     async def _call(self, op: str, func: Callable[..., T], *args: Any) -> T:
         """Run a blocking core call off the event loop, timing it."""
         start = time.perf_counter()
@@ -115,9 +144,10 @@ class ProductSearch:
         """Recount attribute values off the request path once writes have settled."""
         while True:
             await asyncio.sleep(VOCABULARY_REFRESH_S)
-            if self.searcher.vocabulary.stale:
-                with contextlib.suppress(Exception):  # Milvus down: try again next round
-                    await self._call("attributes", self.searcher.vocabulary.refresh)
+            for searcher in list(self.router._searchers.values()):
+                if searcher.vocabulary.stale:
+                    with contextlib.suppress(Exception):  # Milvus down: try again next round
+                        await self._call("attributes", searcher.vocabulary.refresh)
 
     # -- searches (vectors come from the encoder deployments) ------------------------------
     async def nearest(self, field: VectorField, vector: np.ndarray, k: int,
@@ -128,7 +158,8 @@ class ProductSearch:
     async def by_image(self, features: ImageFeatures, k: int, filters: Filters | None = None,
                        explain: bool = False) -> list[Hit]:
         """Products that look like a photo, re-ranked (Searcher.by_image)."""
-        return await self._call("search", self.searcher.by_image, features, k, filters, (), "",
+        searcher = await asyncio.to_thread(self.router.for_query, features.model)
+        return await self._call("search", searcher.by_image, features, k, filters, (), "",
                                 explain)
 
     async def by_text(self, vector: np.ndarray, text: str, k: int,
@@ -141,7 +172,8 @@ class ProductSearch:
                      filters: Filters | None = None, ranker: str = "rrf",
                      image_weight: float = 0.5) -> list[Hit]:
         """Photo and description fused (Searcher.hybrid)."""
-        return await self._call("hybrid_search", self.searcher.hybrid, features, text_vector,
+        searcher = await asyncio.to_thread(self.router.for_query, features.model)
+        return await self._call("hybrid_search", searcher.hybrid, features, text_vector,
                                 k, filters, ranker, image_weight)
 
     async def similar(self, product_id: str, k: int, filters: Filters | None = None,
@@ -171,14 +203,19 @@ class ProductSearch:
                      text_vector: np.ndarray) -> Product:
         """Store the photo and insert-or-replace one product with its vectors."""
         stored = await self.upsert_many([product], [image], features.vector[None, :],
-                                        text_vector[None, :], features.colour[None, :])
+                                        text_vector[None, :], features.colour[None, :],
+                                        features.model)
         return stored[0]
 
     async def upsert_many(self, products: list[Product], images: list[bytes],
                           image_vectors: np.ndarray, text_vectors: np.ndarray,
-                          colour_vectors: np.ndarray | None = None) -> list[Product]:
-        """Insert-or-replace products with their photos and vectors (also the bulk path)."""
-        return await self._call("upsert", self.searcher.upsert, products, images,
+                          colour_vectors: np.ndarray | None = None,
+                          image_model: str = "") -> list[Product]:
+        """Insert-or-replace products with their photos and vectors (also the bulk path) in
+        the version the alias points at (`image_model`: what made the photo vectors; another
+        model's are refused with BackendUnavailable, retry)."""
+        searcher = await asyncio.to_thread(self.router.for_write, image_model)
+        return await self._call("upsert", searcher.upsert, products, images,
                                 image_vectors, text_vectors, colour_vectors)
 
     async def flush(self) -> None:
@@ -191,11 +228,23 @@ class ProductSearch:
 
     async def delete(self, product_id: str) -> None:
         """Delete one product; NotFound if absent."""
-        await self._call("delete", self.searcher.delete, product_id)
+        searcher = await asyncio.to_thread(self.router.for_write)
+        await self._call("delete", searcher.delete, product_id)
 
     async def image(self, product_id: str) -> tuple[bytes, str]:
         """The stored photo of a product and its content type."""
         return await self._call("get", self.searcher.image, product_id)
+
+    async def version_admin(self, method: str, *args: Any) -> Any:
+        """A VersionAdmin operation for `batch_index rebuild|swap|...` (this process owns a
+        Milvus Lite store, so the job cannot open it); a moved alias is followed at once."""
+        if method not in VersionAdmin.OPERATIONS:
+            raise InvalidInput(f"unknown version operation {method!r}")
+        admin = VersionAdmin(self.router.store)
+        result = await self._call("versions", getattr(admin, method), *args)
+        if method == "point":
+            await asyncio.to_thread(self.router.refresh)
+        return result
 
     async def health(self) -> dict[str, Any]:
         """Raises BackendUnavailable unless Milvus answers; otherwise a short status."""
@@ -204,8 +253,8 @@ class ProductSearch:
         status = {"version": heads.version, "fitted_at": heads.fitted_at} if heads else None
         if self.heads_error:
             status = {**(status or {}), "error": self.heads_error}
-        return {"milvus": "ok", "collection": self.searcher.store.collection, "dims": self.dims,
-                "heads": status}
+        return {"milvus": "ok", "collection": self.router.alias, "dims": self.dims,
+                "version": self.router.describe(), "heads": status}
 
     async def vectors_and_labels(self) -> dict[str, Any]:
         """Every product's stored vectors and labels (the fit reads them through the service

@@ -28,6 +28,14 @@ class TextEncoder:
         """Vector dimension of the model."""
         return self.encoder.dim
 
+    def model_id(self) -> str:
+        """What made this replica's vectors (deployments.core.versions.text_model_id)."""
+        return self.encoder.model_id
+
+    def model_settings(self) -> TextModelSettings:
+        """The settings this replica's model was built from (recorded as provenance)."""
+        return self.encoder.settings
+
     async def embed(self, text: str) -> np.ndarray:
         """One L2-normalised vector for a string."""
         return await self._embed_batch((text, time.monotonic()))

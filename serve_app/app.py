@@ -13,7 +13,6 @@ from typing import Any
 
 from ray.serve import Application
 
-from deployments.core.heads import model_ids
 from deployments.core.settings import AppSettings, ScalingSettings
 from deployments.image_encoder import ImageEncoder
 from deployments.search import ProductSearch
@@ -27,6 +26,7 @@ def deployment_options(scaling: ScalingSettings) -> dict[str, Any]:
         "max_ongoing_requests": scaling.max_ongoing_requests,
         "max_queued_requests": scaling.max_queued_requests,
         "ray_actor_options": {"num_cpus": scaling.num_cpus, "num_gpus": scaling.num_gpus},
+        "max_surge_percent": scaling.max_surge_percent,
     }
     if scaling.resources:
         options["ray_actor_options"]["resources"] = scaling.resources
@@ -54,9 +54,11 @@ def build_app(args: dict[str, Any] | AppSettings) -> Application:
     text = TextEncoder.options(**deployment_options(settings.text_encoder)).bind(
         settings.text_model, settings.text_batching, settings.text_encoder.threads(),
     )
-    search = ProductSearch.options(**deployment_options(settings.search)).bind(
+    search_options = deployment_options(settings.search)
+    if settings.milvus.is_lite:  # one process per data dir: the old replica must go first
+        search_options["max_surge_percent"] = 0
+    search = ProductSearch.options(**search_options).bind(
         settings.milvus, settings.media_dir, image, text, settings.ranking, settings.heads,
-        model_ids(settings.image_model, settings.text_model),
     )
     return SearchAPI.options(**deployment_options(settings.ingress)).bind(
         settings, image, text, search

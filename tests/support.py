@@ -108,3 +108,35 @@ def jpeg_bytes(image: Image.Image, quality: int = 90) -> bytes:
     buf = io.BytesIO()
     image.convert("RGB").save(buf, "JPEG", quality=quality)
     return buf.getvalue()
+
+
+def perturbed_checkpoint(path: Path, noise: float = 0.3) -> Path:
+    """Write tf_efficientnet_lite0 with the packaged weights, every conv kernel perturbed by
+    `noise` x its std: "another model" for rebuild tests (measured at 0.3: the same photo's
+    cosine across the two models is about 0.2, while each model finds the photo at ~1.0)."""
+    import timm
+    import torch
+
+    from deployments.core.encoders import _load_package_weights
+
+    torch.manual_seed(0)
+    model = timm.create_model("tf_efficientnet_lite0", pretrained=False)
+    model.load_state_dict(_load_package_weights(model), strict=True)
+    state = model.state_dict()
+    for tensor in state.values():
+        if tensor.dtype.is_floating_point and tensor.ndim == 4:
+            tensor.add_(torch.randn_like(tensor) * tensor.std() * noise)
+    torch.save(state, path)
+    return path
+
+
+def write_config(path: Path, settings, app_name: str = "shopsearch") -> Path:
+    """A Serve config file holding these settings as its app's args (what the CLI reads);
+    write keys are left out (they never go into files)."""
+    import json
+
+    import yaml
+
+    args = json.loads(settings.model_dump_json(exclude={"auth"}))
+    path.write_text(yaml.safe_dump({"applications": [{"name": app_name, "args": args}]}))
+    return path

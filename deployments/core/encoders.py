@@ -20,6 +20,7 @@ from PIL import Image
 from deployments.core.colour import colour_descriptor
 from deployments.core.images import decode_image, pad_to_square  # callers import these here too
 from deployments.core.settings import ImageModelSettings, TextModelSettings
+from deployments.core.versions import image_model_id, text_model_id
 
 log = logging.getLogger(__name__)
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -120,6 +121,9 @@ class ImageFeatures:
     has_colour: bool = True
     # For such a photo: its brightness layout (colour.grey_layout), compared instead of colour.
     layout: np.ndarray | None = None
+    # The image model that made `vector` (versions.image_model_id): searched only against a
+    # collection made by the same model.
+    model: str = ""
 
 
 class ImageEncoder:
@@ -134,6 +138,7 @@ class ImageEncoder:
         model = build_image_model(settings)
         self.preprocessor = ImagePreprocessor.for_model(model)
         self.dim = int(model.num_features)
+        self.model_id = image_model_id(settings)
         backend = settings.backend
         if backend == "auto":
             backend = "onnx" if self.device.type == "cpu" else "torch"
@@ -188,7 +193,7 @@ class ImageEncoder:
         `images.has_colour` of its decoded image; all True when not given)."""
         vectors = self.embed_pixels(pixels)
         flags = [True] * len(vectors) if has_colour is None else list(has_colour)
-        return [ImageFeatures(v, colour_descriptor(p), bool(c))
+        return [ImageFeatures(v, colour_descriptor(p), bool(c), model=self.model_id)
                 for v, p, c in zip(vectors, pixels, flags, strict=True)]
 
     def embed(self, images: Sequence[Image.Image]) -> np.ndarray:
@@ -230,6 +235,7 @@ class TextEncoder:
         self.tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
         self.model = AutoModel.from_pretrained(path, local_files_only=True).to(self.device).eval()
         self.dim = int(self.model.config.hidden_size)
+        self.model_id = text_model_id(settings)
 
     def embed(self, texts: Sequence[str]) -> np.ndarray:
         """Embed a batch of strings: (n, dim) float32, L2-normalised (n may be 0)."""

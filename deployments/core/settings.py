@@ -76,6 +76,10 @@ class ScalingSettings(BaseModel):
     # Custom Ray resources a replica needs, e.g. {"milvus_lite": 0.01} to keep the search
     # replica on the node that holds a Milvus Lite data dir.
     resources: dict[str, float] = Field(default_factory=dict)
+    # Extra replicas (% of the target) a rolling update may start before stopping old ones: with
+    # 100 an old replica serves until its replacement is ready (a model change is not a gap).
+    # A search replica on Milvus Lite never surges (one process per data dir).
+    max_surge_percent: int = Field(100, ge=0, le=100)
 
     @model_validator(mode="after")
     def _check(self) -> ScalingSettings:

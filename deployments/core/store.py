@@ -7,6 +7,7 @@ data dir, writes serialised) or a server URL. Callers see products and scores, n
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import functools
 import json
@@ -35,6 +36,7 @@ from deployments.core.errors import BackendUnavailable, IncompatibleStore, Inval
 from deployments.core.filters import Filters
 from deployments.core.products import STRING_FIELDS, STRING_LIMITS, UTF8_MAX_BYTES, Product
 from deployments.core.settings import MilvusSettings
+from deployments.core.versions import PROVENANCE_KEY
 
 log = logging.getLogger(__name__)
 
@@ -209,7 +211,7 @@ class ProductStore:
             self._create(image_dim, text_dim)
         self._client.load_collection(self.collection, replica_number=self.settings.replica_number)
 
-    def _create(self, image_dim: int, text_dim: int) -> None:
+    def _create(self, image_dim: int, text_dim: int, properties: dict | None = None) -> None:
         schema = self._client.create_schema(auto_id=False, enable_dynamic_field=False)
         schema.add_field("id", DataType.VARCHAR, is_primary=True, max_length=VARCHAR_BYTES["id"])
         schema.add_field("title", DataType.VARCHAR, max_length=VARCHAR_BYTES["title"])
@@ -234,7 +236,7 @@ class ProductStore:
         self._client.create_collection(
             self.collection, schema=schema, index_params=index,
             num_shards=self.settings.num_shards,
-            consistency_level=self.settings.consistency_level,
+            consistency_level=self.settings.consistency_level, properties=properties or {},
         )
         log.info("created collection %s (image %d-d, text %d-d, %s %s)", self.collection,
                  image_dim, text_dim, self.settings.index_type, self.settings.metric)
@@ -294,6 +296,82 @@ class ProductStore:
     def close(self) -> None:
         """Release the client (Milvus Lite flushes and frees the data dir)."""
         self._client.close()
+
+    # -- versions and the alias (deployments.core.versions) -------------------------------
+    def for_collection(self, name: str) -> ProductStore:
+        """This store bound to another (physical) collection, sharing the client and lock."""
+        other = copy.copy(self)
+        other.collection = name
+        return other
+
+    @_backend_errors
+    def create_version(self, name: str, image_dim: int, text_dim: int, provenance: str) -> None:
+        """Create physical collection `name` recording `provenance` (JSON) and load it."""
+        self.for_collection(name)._create(image_dim, text_dim, {PROVENANCE_KEY: provenance})
+        self._client.load_collection(name, replica_number=self.settings.replica_number)
+
+    @_backend_errors
+    def provenance(self, name: str | None = None) -> str | None:
+        """The provenance JSON recorded on a collection (default: this one), or None."""
+        info = self._client.describe_collection(name or self.collection, **self._read)
+        return (info.get("properties") or {}).get(PROVENANCE_KEY)
+
+    @_backend_errors
+    def alias_target(self) -> str | None:
+        """The physical collection this store's name is an alias of (None: not an alias)."""
+        # list_aliases() without a collection lists none on Milvus Lite; describe resolves.
+        if not self._client.has_collection(self.collection, **self._read):
+            return None
+        name = self._client.describe_collection(self.collection, **self._read)["collection_name"]
+        return name if name != self.collection else None
+
+    @_backend_errors
+    def point_alias(self, target: str) -> None:
+        """Make this store's name an alias of `target` (atomic switch when it exists)."""
+        with self._write_lock:
+            if self.alias_target() is None:
+                self._client.create_alias(target, self.collection, **self._write)
+            else:
+                self._client.alter_alias(target, self.collection, **self._write)
+
+    @_backend_errors
+    def collections(self) -> list[str]:
+        """Every physical collection in the database."""
+        return list(self._client.list_collections(**self._read))
+
+    @_backend_errors
+    def all_products(self) -> list[Product]:
+        """Every product of this collection (a rebuild's input), in storage order."""
+        found: list[Product] = []
+        iterator = self._client.query_iterator(self.collection, batch_size=4096,
+                                               output_fields=list(SCALAR_FIELDS))
+        while batch := iterator.next():
+            found += [self._product(r) for r in batch]
+        iterator.close()
+        return found
+
+    @_backend_errors
+    def vectors(self, field: VectorField) -> tuple[list[str], np.ndarray]:
+        """Every product's id and `field` vector ((n, dim) float32), for exact-search checks."""
+        ids, rows = [], []
+        iterator = self._client.query_iterator(self.collection, batch_size=4096,
+                                               output_fields=["id", VECTOR_FIELDS[field]])
+        while batch := iterator.next():
+            ids += [r["id"] for r in batch]
+            rows += [r[VECTOR_FIELDS[field]] for r in batch]
+        iterator.close()
+        return ids, np.asarray(rows, dtype=np.float32)
+
+    @_backend_errors
+    def drop_alias(self) -> None:
+        """Remove this store's name as an alias (the collections stay)."""
+        with self._write_lock:
+            self._client.drop_alias(self.collection, **self._write)
+
+    @_backend_errors
+    def drop_collection(self, name: str) -> None:
+        """Drop one physical collection (not the alias target: see versions)."""
+        self._client.drop_collection(name)
 
     # -- writes -------------------------------------------------------------------------
     @_backend_errors
