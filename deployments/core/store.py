@@ -344,7 +344,8 @@ class ProductStore:
         """Every product of this collection (a rebuild's input), in storage order."""
         found: list[Product] = []
         iterator = self._client.query_iterator(self.collection, batch_size=4096,
-                                               output_fields=list(SCALAR_FIELDS))
+                                               output_fields=list(SCALAR_FIELDS),
+                                               **self._write)
         while batch := iterator.next():
             found += [self._product(r) for r in batch]
         iterator.close()
@@ -355,7 +356,8 @@ class ProductStore:
         """Every product's id and `field` vector ((n, dim) float32), for exact-search checks."""
         ids, rows = [], []
         iterator = self._client.query_iterator(self.collection, batch_size=4096,
-                                               output_fields=["id", VECTOR_FIELDS[field]])
+                                               output_fields=["id", VECTOR_FIELDS[field]],
+                                               **self._write)
         while batch := iterator.next():
             ids += [r["id"] for r in batch]
             rows += [r[VECTOR_FIELDS[field]] for r in batch]
@@ -371,7 +373,7 @@ class ProductStore:
     @_backend_errors
     def drop_collection(self, name: str) -> None:
         """Drop one physical collection (not the alias target: see versions)."""
-        self._client.drop_collection(name)
+        self._client.drop_collection(name, **self._write)
 
     # -- writes -------------------------------------------------------------------------
     @_backend_errors
