@@ -69,7 +69,7 @@ class SearchAPI:
         self.limits = settings.limits
         self.image_encoder = image_encoder
         self.text_encoder = text_encoder
-        self.search = search
+        self.product_search = search  # the ProductSearch handle (`search` is a route)
         http.configure(settings)  # body limits and CORS of this replica's middleware
         self.auth = auth.configure(settings.auth)  # write keys (or the generated key file)
         self.demo = DemoSeeder(settings.demo)
@@ -89,7 +89,8 @@ class SearchAPI:
         explain: Annotated[bool, Query(description="Say why each result ranked")] = False,
     ) -> SearchResponse:
         data = await self._read_image(image)
-        return await self._search(request, "image", k, lambda k, filters: self.search.by_image
+        products = self.product_search
+        return await self._search(request, "image", k, lambda k, filters: products.by_image
                                   .remote(self.image_encoder.embed.remote(data), k, filters,
                                           explain))
 
@@ -98,7 +99,8 @@ class SearchAPI:
     async def search_text(self, request: Request, body: TextQuery) -> SearchResponse:
         text = self._check_text(body.query)
         filters = parse_filters(body.filters)
-        return await self._search(request, "text", body.k, lambda k, _: self.search.by_text
+        products = self.product_search
+        return await self._search(request, "text", body.k, lambda k, _: products.by_text
                                   .remote(self.text_encoder.embed.remote(text), text, k,
                                           filters, body.explain), filters)
 
@@ -123,14 +125,15 @@ class SearchAPI:
             raise InvalidInput("send an image, a query, or both", code="empty_query")
         photo = self.image_encoder.embed.remote if data is not None else None
         words = self.text_encoder.embed.remote if text is not None else None
+        products = self.product_search
         if photo and words:
-            return await self._search(request, "hybrid", k, lambda k, filters: self.search.hybrid
+            return await self._search(request, "hybrid", k, lambda k, filters: products.hybrid
                                       .remote(photo(data), words(text), k, filters, ranker,
                                               image_weight))
         if photo:
-            return await self._search(request, "image", k, lambda k, filters: self.search
+            return await self._search(request, "image", k, lambda k, filters: products
                                       .by_image.remote(photo(data), k, filters, explain))
-        return await self._search(request, "text", k, lambda k, filters: self.search.by_text
+        return await self._search(request, "text", k, lambda k, filters: products.by_text
                                   .remote(words(text), text, k, filters, explain))
 
     # -- catalogue ------------------------------------------------------------------------
@@ -139,7 +142,7 @@ class SearchAPI:
         self, limit: Annotated[int, Query(ge=1, le=100)] = 20,
         offset: Annotated[int, Query(ge=0, le=100_000)] = 0,
     ) -> ProductPage:
-        page, total = await self._call(lambda: self.search.browse.remote(limit, offset))
+        page, total = await self._call(lambda: self.product_search.browse.remote(limit, offset))
         return ProductPage(results=[ResultItem.of(p) for p in page], total=total, limit=limit,
                            offset=offset)
 
@@ -147,7 +150,7 @@ class SearchAPI:
              summary="One product")
     async def get_product(self, product_id: str) -> ResultItem:
         product_id = self._check_id(product_id)
-        return ResultItem.of(await self._call(lambda: self.search.get.remote(product_id)))
+        return ResultItem.of(await self._call(lambda: self.product_search.get.remote(product_id)))
 
     @api.get("/products/{product_id}/similar", response_model=SearchResponse, responses=ERRORS,
              summary="Products that look like a catalogue product",
@@ -158,7 +161,8 @@ class SearchAPI:
         explain: Annotated[bool, Query(description="Say why each result ranked")] = False,
     ) -> SearchResponse:
         product_id = self._check_id(product_id)
-        return await self._search(request, "similar", k, lambda k, filters: self.search.similar
+        products = self.product_search
+        return await self._search(request, "similar", k, lambda k, filters: products.similar
                                   .remote(product_id, k, filters, explain))
 
     @api.post("/products", response_model=ResultItem, status_code=201, responses=WRITE_ERRORS,
@@ -183,18 +187,18 @@ class SearchAPI:
     async def delete_product(self, product_id: str) -> Response:
         product_id = self._check_id(product_id)
         # Not retried: a delete that succeeded before its replica died would then say 404.
-        await self._call(lambda: self.search.delete.remote(product_id), retry=False)
+        await self._call(lambda: self.product_search.delete.remote(product_id), retry=False)
         return Response(status_code=204)
 
     @api.get("/attributes", summary="Filterable fields and their values, with counts")
     async def attributes(self) -> dict[str, dict[str, int]]:
-        return await self._call(lambda: self.search.attributes.remote())
+        return await self._call(lambda: self.product_search.attributes.remote())
 
     @api.get("/images/{product_id}", responses=ERRORS, summary="The stored product photo",
              response_class=Response)
     async def product_image(self, product_id: str) -> Response:
         product_id = self._check_id(product_id)
-        data, mime = await self._call(lambda: self.search.image.remote(product_id))
+        data, mime = await self._call(lambda: self.product_search.image.remote(product_id))
         return Response(data, media_type=mime, headers={"Cache-Control": "public, max-age=300"})
 
     # -- the shopper's page ---------------------------------------------------------------
@@ -220,7 +224,7 @@ class SearchAPI:
         try:
             dims, store, count = await asyncio.wait_for(asyncio.gather(
                 asyncio.gather(self.image_encoder.dim.remote(), self.text_encoder.dim.remote()),
-                self.search.health.remote(), self.search.count.remote(),
+                self.product_search.health.remote(), self.product_search.count.remote(),
             ), timeout)
         except Exception as exc:  # any failing part makes the service unhealthy
             log.warning("health check failed: %r", exc)
@@ -249,7 +253,7 @@ class SearchAPI:
 
     async def _upsert(self, product: Product, image: bytes) -> Product:
         """Embed a product's photo and text, then store it (idempotent: upsert by id)."""
-        return await self._call(lambda: self.search.upsert.remote(
+        return await self._call(lambda: self.product_search.upsert.remote(
             product, image, self.image_encoder.embed.remote(image),
             self.text_encoder.embed.remote(product.embedding_text())))
 
