@@ -46,10 +46,12 @@ class ProductSearch:
         ranking: RankingSettings | None = None, heads: HeadSettings | None = None,
     ) -> None:
         # The encoders say what they run, so a model change redeploys them, not this.
-        image_dim, text_dim, image_id, text_id, image_model, text_model = await asyncio.gather(
-            image_encoder.dim.remote(), text_encoder.dim.remote(),
-            image_encoder.model_id.remote(), text_encoder.model_id.remote(),
-            image_encoder.model_settings.remote(), text_encoder.model_settings.remote())
+        # One call at a time: an encoder with a small queue (max_queued_requests) would shed a
+        # burst of start-up calls.
+        image_dim, text_dim, image_id, text_id, image_model, text_model = [
+            await call.remote() for call in (
+                image_encoder.dim, text_encoder.dim, image_encoder.model_id,
+                text_encoder.model_id, image_encoder.model_settings, text_encoder.model_settings)]
         self.dims = {"image": image_dim, "text": text_dim}
         media = MediaStore(media_dir)
 
