@@ -24,6 +24,26 @@ from benchmarks.common import OUT
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def agent_port(port: int) -> None:
+    """Give this local cluster's dashboard agent a free HTTP port. Jobs are submitted through
+    that agent; its default port (52365) is taken when another Ray cluster runs on the machine
+    (another user's, a test run's), and then the agent runs without HTTP and every submit gets
+    500 "No available agent to submit job" for good. `ray.init` has no option for it (`ray
+    start --head --dashboard-agent-listen-port` has), so the default is set here."""
+    from ray._private.parameter import RayParams
+
+    init = RayParams.__init__
+    if getattr(init, "_agent_port", None):
+        return
+
+    def patched(self, *args, **kwargs):
+        kwargs.setdefault("dashboard_agent_listen_port", port)
+        init(self, *args, **kwargs)
+
+    patched._agent_port = port
+    RayParams.__init__ = patched
+
+
 def submit_when_ready(client, timeout: float = 120, **job) -> str:
     """submit_job, retried while the job server has no agent yet (right after the cluster
     starts it answers 500 "No available agent to submit job"), up to `timeout` seconds. A fixed
@@ -67,6 +87,7 @@ def main() -> None:
     catalog = generate_demo_catalog(work / "demo", n=args.products)
     weights = perturbed_checkpoint(work / "new-model.pt")
     dashboard = free_port()
+    agent_port(free_port())
     ray.init(address="local", num_cpus=2, include_dashboard=True, dashboard_port=dashboard,
              object_store_memory=200 * 1024 * 1024, log_to_driver=False)
     result: dict = {"products": args.products, "date": time.strftime("%Y-%m-%d %H:%M")}
