@@ -12,8 +12,9 @@ successful response). Two ways to run it:
     .venv/bin/python -m benchmarks.stress --fault --users 8 --seconds 60
 
     # rebuild mode: own stack; rebuilds the index with another image model, swaps the alias and
-    # rolls the encoders over, under load (benchmarks/rebuild_fault.py):
-    .venv/bin/python -m benchmarks.stress --rebuild --users 4 --seconds 300
+    # rolls the encoders over, under load (benchmarks/rebuild_fault.py); the load must outlast
+    # rebuild + swap + rollout (about 5 min on 2 shared cores; RESULTS.md has the 420 s run):
+    .venv/bin/python -m benchmarks.stress --rebuild --users 4 --seconds 420
 """
 
 from __future__ import annotations

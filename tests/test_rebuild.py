@@ -112,8 +112,9 @@ class ShopperLoad:
     itself must come back with cosine ~1 (a query vector searched against another model's
     vectors scores about 0.2), so a mixed answer cannot pass."""
 
-    def __init__(self, url: str, photos: dict[str, bytes], users: int = 2) -> None:
-        self.url, self.photos, self.users = url, photos, users
+    def __init__(self, url: str, photos: dict[str, bytes], users: int = 2,
+                 timeout: float = 30) -> None:
+        self.url, self.photos, self.users, self.timeout = url, photos, users, timeout
         self.outcomes: Counter = Counter()
         self.bad: list[str] = []
         self.events: list[tuple[float, str]] = []  # (start, outcome) of every request
@@ -123,7 +124,7 @@ class ShopperLoad:
     def _user(self, uid: int) -> None:
         ids = sorted(self.photos)
         n = uid
-        with httpx.Client(base_url=self.url, timeout=30) as client:
+        with httpx.Client(base_url=self.url, timeout=self.timeout) as client:
             while not self._stop.is_set():
                 pid = ids[n % len(ids)]
                 n += self.users
@@ -301,6 +302,122 @@ def test_rebuild_into_a_new_model_and_swap_under_load(service, settings_factory,
     finally:
         serve.delete("rebuild")
         server.stop()
+
+
+@pytest.mark.integration
+def test_rebuild_and_swap_on_embedded_lite_through_the_service(service, settings_factory,
+                                                               tmp_path_factory, capsys):
+    """The default deployment: the service's ProductSearch owns `milvus.db` (Milvus Lite in
+    its process), so rebuild / swap / rollback / gc go through its deployment handle."""
+    from ray import serve
+
+    from batch_index.__main__ import main as batch_index
+    from batch_index.versions import ServiceAdmin
+    from deployments.core.demo import draw_product
+    from serve_app.app import build_app
+    from tests.support import jpeg_bytes
+
+    app = "rebuild-lite"
+    root = tmp_path_factory.mktemp("rebuild-lite")
+    v1_settings = settings_factory(
+        root, milvus={"uri": str(root / "milvus.db"), "collection": "catalog"},
+        demo={"enabled": True, "size": 16, "dir": str(root / "demo")},
+        auth={"api_keys": [REBUILD_KEY]},
+        # On Lite the search replica restarts in place when the models change (every
+        # deployment's version follows the app's args; Lite cannot surge): idempotent reads
+        # ride out that pause when their budget and tries outlast it (README "Change the model").
+        resilience={"request_timeout_s": 60, "attempt_timeout_s": 8, "retries": 5,
+                    "retry_backoff_s": 0.5},
+        image_encoder={"num_cpus": 0.1, "num_threads": 1, "max_replicas": 1},
+        text_encoder={"num_cpus": 0.1, "num_threads": 1, "max_replicas": 1},
+        search={"num_cpus": 0.05, "max_ongoing_requests": 64},
+        ingress={"num_cpus": 0.05, "max_ongoing_requests": 64})
+    assert v1_settings.milvus.is_lite
+    weights = perturbed_checkpoint(root / "perturbed.pt")
+    v2_settings = v1_settings.model_copy(update={"image_model": v1_settings.image_model
+                                                 .model_copy(update={"weights": str(weights)})})
+    config = write_config(root / "config.yaml", v1_settings, app_name=app)
+    cli = ["--config", str(config), "--app-name", app, "--via-service", "yes"]
+    serve.run(build_app(v1_settings), name=app, route_prefix=f"/{app}")
+    try:
+        url = f"{service}/{app}"
+        wait_healthy(url, products=16)
+        auth = {"Authorization": f"Bearer {REBUILD_KEY}"}
+        client = httpx.Client(base_url=url, timeout=60)
+        ids = sorted(p["id"] for p in client.get("/products", params={"limit": 100})
+                     .json()["results"])
+        photos = {pid: client.get(f"/images/{pid}").content for pid in ids}
+        before = {pid: _top(client, photos[pid]) for pid in ids[:3]}
+        assert client.get("/healthz").json()["version"]["collection"] == "catalog__v1"
+
+        searched = {pid: photos[pid] for pid in ids[:8] if pid != ids[6]}  # ids[6]: deleted
+        new_photo = jpeg_bytes(draw_product("Mugs", "Green", "Dotted", seed=9999))
+        changed = {"id": ids[5], "title": "Renamed during the rebuild", "colour": "Green"}
+        results: list[int] = []
+        with ShopperLoad(url, searched, users=1, timeout=90) as load:
+            started = time.monotonic()
+            rebuild = threading.Thread(target=lambda: results.append(batch_index(
+                ["rebuild", *cli, "--batch-size", "8", "--image-weights", str(weights)])))
+            rebuild.start()
+            r = client.post("/products", headers=auth, files={"image": ("c.jpg", photos[ids[5]])},
+                            data={"product": json.dumps(changed)})
+            assert r.status_code == 201, r.text
+            rebuild.join()
+            assert results == [0]
+            r = client.post("/products", headers=auth, files={"image": ("n.jpg", new_photo)},
+                            data={"product": json.dumps({
+                                "id": "added-during-rebuild", "title": "New green mug",
+                                "article_type": "Mugs", "colour": "Green"})})
+            assert r.status_code == 201, r.text
+            assert client.delete(f"/products/{ids[6]}", headers=auth).status_code == 204
+            capsys.readouterr()
+            swap_began = time.monotonic()
+            assert batch_index(["swap", *cli, "--batch-size", "8"]) == 0
+            swapped = time.monotonic()
+            out = capsys.readouterr().out
+            assert "going through the running service" in out
+            caught_up = json.loads(out.split("catch-up ")[1].split(" (")[0])
+            serve.run(build_app(v2_settings), name=app, route_prefix=f"/{app}")
+            switched = time.monotonic()
+            time.sleep(3)
+        assert caught_up["embedded"] >= 1 and caught_up["deleted"] == 1, caught_up
+        assert load.outcomes["ok"] > 10, load.outcomes
+        assert "mixed" not in load.outcomes, load.bad[:5]
+        during_swap = load.between(swap_began, switched + 3)
+        assert set(during_swap) == {"ok"}, (during_swap, load.bad[:5])
+        assert set(load.outcomes) <= {"ok", "503"}, (load.outcomes, load.bad[:5])
+        print(f"embedded Lite: rebuild start to swap {swapped - started:.1f} s; swap "
+              f"{swapped - swap_began:.1f} s; encoder rollout {switched - swapped:.1f} s; "
+              f"answers {dict(load.outcomes)}; during swap + rollout {dict(during_swap)}")
+
+        health = client.get("/healthz").json()
+        assert health["version"]["collection"] == "catalog__v2"
+        assert health["version"]["image_model"] == image_model_id(v2_settings.image_model)
+        assert client.get("/products/added-during-rebuild").status_code == 200
+        assert client.get(f"/products/{ids[5]}").json()["title"] == changed["title"]
+        assert client.get(f"/products/{ids[6]}").status_code == 404
+        r = client.post("/search/image", params={"k": 5}, files={"image": ("n.jpg", new_photo)})
+        scores = {h["id"]: h["score"] for h in r.json()["results"]}
+        assert scores.get("added-during-rebuild", 0) > 0.99, scores
+        admin = ServiceAdmin(serve.get_deployment_handle("ProductSearch", app_name=app))
+        v2_ids = set(admin.fingerprints("catalog__v2"))
+        assert "added-during-rebuild" in v2_ids and ids[6] not in v2_ids
+        assert admin.provenance("catalog__v2")["image_settings"]["weights"] == str(weights)
+
+        assert batch_index(["rollback", *cli]) == 0
+        with ShopperLoad(url, searched, users=1, timeout=90) as load:
+            serve.run(build_app(v1_settings), name=app, route_prefix=f"/{app}")
+            time.sleep(2)
+        assert set(load.outcomes) == {"ok"}, (load.outcomes, load.bad[:5])
+        assert client.get("/healthz").json()["version"]["collection"] == "catalog__v1"
+        for pid, top in before.items():
+            assert _top(client, photos[pid])[0] == top[0]
+        assert batch_index(["gc", "--keep", "1", *cli]) == 0
+        admin = ServiceAdmin(serve.get_deployment_handle("ProductSearch", app_name=app))
+        assert [v["collection"] for v in admin.versions()] == ["catalog__v1", "catalog__v2"]
+        client.close()
+    finally:
+        serve.delete(app)
 
 
 def test_rebuild_check_fails_on_a_short_version(tmp_path):
