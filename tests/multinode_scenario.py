@@ -110,7 +110,12 @@ def main(work: Path) -> dict:
         # share a 2-CPU node, so the pool must use both nodes.
         pipeline.IndexOptions(batch_size=4, image_actors=2, image_threads=1,
                               image_actor_cpus=1.5))
-    found.update(job_indexed=summary.indexed, job_image_actor_nodes=len(summary.image_nodes))
+    # Where the pool's image actors were placed (a quick actor can embed every batch before its
+    # twin on the other node has loaded its model, so the nodes that embedded may be fewer).
+    placed = {a.node_id for a in ray.util.state.list_actors(limit=10_000)
+              if "ImageEmbedder" in (a.class_name or "")}
+    found.update(job_indexed=summary.indexed, job_image_actor_nodes=len(placed),
+                 job_nodes_that_embedded=len(summary.image_nodes))
     store.close()
     ray.shutdown()
     cluster.shutdown()
