@@ -9,7 +9,11 @@ drives it over HTTP from this process, and prints:
   - throughput and p50/p99 at 16 and 32 concurrent clients, photo and text queries, for each
     image max_batch_size given (the config's value and 1 = unbatched), each on a freshly
     started graph over the same data;
-  - the issue's ratios (service / bare encoder), and `--json PATH` with every figure.
+  - the issue's ratios (service / bare encoder), and `--json PATH` with every figure;
+  - CPU time per query under load by process role (benchmarks.cpu: proxy, ingress, encoders,
+    search, Milvus Lite, Ray's own processes) and per photo / text of the bare encoders, and the
+    ratio of the two: the same capacity ratio from CPU time, which other tenants' load on a
+    shared machine does not move.
 
     python -m benchmarks.serve_latency --batch-sizes 8,1 --clients 16,32 --seconds 20 \
         --json benchmarks/out/serve_latency.json
@@ -32,6 +36,7 @@ import numpy as np
 import yaml
 
 from benchmarks.common import OUT, QUERIES, Record, Request, Workload, closed_loop, demo_photos
+from benchmarks.cpu import CpuMeter, own_cpu_s
 from deployments.core.encoders import ImageEncoder, TextEncoder
 from deployments.core.settings import AppSettings, load_settings
 from tests.support import wait_healthy
@@ -56,15 +61,16 @@ def _median_ms(call, items: list, repeats: int) -> float:
     return statistics.median(times)
 
 
-def _saturated_per_s(call, items: list, batch: int, seconds: float) -> float:
-    """Items per second through `call` fed full batches back to back for `seconds`."""
+def _saturated(call, items: list, batch: int, seconds: float) -> tuple[float, float]:
+    """(items per second, CPU ms per item) through `call` fed full batches back to back for
+    `seconds` (CPU: this process, every thread)."""
     done, i = 0, 0
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), own_cpu_s()
     while time.perf_counter() - start < seconds:
         chunk = [items[(i + j) % len(items)] for j in range(batch)]
         call(chunk)
         done, i = done + batch, i + batch
-    return done / (time.perf_counter() - start)
+    return done / (time.perf_counter() - start), (own_cpu_s() - cpu) * 1000 / done
 
 
 def bare_image(settings: AppSettings, photos: list[bytes], repeats: int = 60,
@@ -79,7 +85,8 @@ def bare_image(settings: AppSettings, photos: list[bytes], repeats: int = 60,
     out = {"bare_image_ms": _median_ms(encoder.embed_bytes, photos, repeats),
            "bare_image_batch": batch, "image_threads": settings.image_encoder.threads()}
     if seconds:
-        out["bare_image_per_s"] = _saturated_per_s(encoder.embed_bytes, photos, batch, seconds)
+        out["bare_image_per_s"], out["bare_image_cpu_ms"] = _saturated(
+            encoder.embed_bytes, photos, batch, seconds)
     return out
 
 
@@ -90,8 +97,9 @@ def bare_text(settings: AppSettings, texts: list[str], repeats: int = 100,
     batch = settings.text_batching.max_batch_size
     for _ in range(3):
         encoder.embed(texts[:batch])
+    per_s, cpu_ms = _saturated(encoder.embed, texts, batch, seconds)
     return {"bare_text_ms": _median_ms(encoder.embed, texts, repeats),
-            "bare_text_per_s": _saturated_per_s(encoder.embed, texts, batch, seconds),
+            "bare_text_per_s": per_s, "bare_text_cpu_ms": cpu_ms,
             "bare_text_batch": batch, "text_threads": settings.text_encoder.threads()}
 
 
@@ -128,20 +136,30 @@ def single_client(url: str, photos: list[bytes], n: int, text: bool = False) -> 
 
 
 def load(url: str, photos: list[bytes], clients: int, seconds: float,
-         text: bool = False) -> dict:
+         text: bool = False, meter: CpuMeter | None = None) -> dict:
     """`clients` closed-loop users sending image (or text) queries for `seconds`; throughput,
-    latency, and the failures by status (503s are load shed on purpose, with Retry-After)."""
+    latency, and the failures by status (503s are load shed on purpose, with Retry-After).
+    With `meter` (the service's process tree): CPU ms per answered query per role, the
+    service's total (`cpu_ms`) and the load generator's own (`loadgen_cpu_ms`)."""
     record = Record()
     workload = text_queries(clients) if text else image_queries(photos, clients)
+    before, own = (meter.sample() if meter else None), own_cpu_s()
     elapsed = asyncio.run(closed_loop(url, clients, seconds, workload, record, timeout=60))
     latencies = record.latencies_ms((200,))
     statuses = [e[2] for e in record.events if e[2] != 200]
-    return {"clients": clients, "requests": len(latencies),
-            "errors": len(record.events) - len(latencies),
-            "shed_503": statuses.count(503),
-            "other_errors": len(statuses) - statuses.count(503),
-            "qps": len(latencies) / elapsed, "p50_ms": percentile(latencies, 50),
-            "p99_ms": percentile(latencies, 99)}
+    row = {"clients": clients, "requests": len(latencies),
+           "errors": len(record.events) - len(latencies),
+           "shed_503": statuses.count(503),
+           "other_errors": len(statuses) - statuses.count(503),
+           "qps": len(latencies) / elapsed, "p50_ms": percentile(latencies, 50),
+           "p99_ms": percentile(latencies, 99)}
+    if meter and latencies:
+        per_query = {name: cpu * 1000 / len(latencies)
+                     for name, cpu in sorted(meter.since(before).items(), key=lambda kv: -kv[1])}
+        row["cpu_ms_by_role"] = per_query
+        row["cpu_ms"] = sum(per_query.values())
+        row["loadgen_cpu_ms"] = (own_cpu_s() - own) * 1000 / len(latencies)
+    return row
 
 
 def run_mode(config: dict, work: Path, port: int, photos: list[bytes], args) -> dict:
@@ -165,8 +183,9 @@ def run_mode(config: dict, work: Path, port: int, photos: list[bytes], args) -> 
         lat = single_client(url, photos, args.single, text=True)
         result["single_text_p50_ms"] = percentile(lat, 50)
         result["single_text_p99_ms"] = percentile(lat, 99)
-        result["load"] = [load(url, photos, c, args.seconds) for c in args.clients]
-        result["text_load"] = [load(url, photos, c, args.seconds, text=True)
+        meter = CpuMeter(proc.pid)
+        result["load"] = [load(url, photos, c, args.seconds, meter=meter) for c in args.clients]
+        result["text_load"] = [load(url, photos, c, args.seconds, text=True, meter=meter)
                                for c in args.clients]
         return result
     finally:
@@ -242,11 +261,19 @@ def headline(report: dict) -> dict:
             out[f"{kind}_p99_ms_{row['clients']}"] = row["p99_ms"]
             out[f"{kind}_errors_{row['clients']}"] = row["other_errors"]
             out[f"{kind}_shed_{row['clients']}"] = row["shed_503"]
+            if "cpu_ms" in row:
+                out[f"{kind}_cpu_ms_{row['clients']}"] = row["cpu_ms"]
     for kind in ("image", "text"):
         if f"{kind}_qps_32" in out:
             out[f"{kind}_qps_32_over_bare"] = out[f"{kind}_qps_32"] / report[f"bare_{kind}_per_s"]
         out[f"single_{kind}_p50_over_bare"] = (out[f"single_{kind}_p50_ms"]
                                                 / report[f"bare_{kind}_ms"])
+        # The same ratio as q/s over the saturated encoder, from CPU time instead of wall time:
+        # what a query costs the machine against what the encoder alone costs per item. On an
+        # otherwise idle machine whose cores the service saturates, the two agree; on a shared
+        # one only this one holds still.
+        if f"{kind}_cpu_ms_32" in out:
+            out[f"{kind}_cpu_ratio_32"] = report[f"bare_{kind}_cpu_ms"] / out[f"{kind}_cpu_ms_32"]
     return out
 
 
@@ -282,6 +309,19 @@ def print_report(report: dict) -> None:
                   f"{report[kind + '_qps_32_over_bare']:.2f}x (target >= 0.6)")
         print(f"{kind}: single-client p50 / bare call: "
               f"{report['single_' + kind + '_p50_over_bare']:.2f}x (target <= 2.5)")
+        if f"{kind}_cpu_ratio_32" in report:
+            print(f"{kind}: CPU per item, bare encoder / service at 32 clients: "
+                  f"{report['bare_' + kind + '_cpu_ms']:.1f} / {report[kind + '_cpu_ms_32']:.1f} "
+                  f"ms = {report[kind + '_cpu_ratio_32']:.2f}x")
+    for mode in report["modes"]:
+        for kind, rows in (("image", mode["load"]), ("text", mode.get("text_load", []))):
+            for row in rows:
+                if "cpu_ms_by_role" in row:
+                    parts = ", ".join(f"{name} {ms:.1f}" for name, ms in
+                                      row["cpu_ms_by_role"].items() if ms >= 0.05)
+                    print(f"CPU ms per {kind} query, batch {mode['max_batch_size']}, "
+                          f"{row['clients']} clients: {parts}; load generator "
+                          f"{row['loadgen_cpu_ms']:.1f}")
 
 
 if __name__ == "__main__":
