@@ -44,23 +44,6 @@ def agent_port(port: int) -> None:
     RayParams.__init__ = patched
 
 
-def submit_when_ready(client, timeout: float = 120, **job) -> str:
-    """submit_job, retried while the job server has no agent yet (right after the cluster
-    starts it answers 500 "No available agent to submit job"), up to `timeout` seconds. A fixed
-    submission_id keeps a retry from starting the job twice."""
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            return client.submit_job(**job)
-        except RuntimeError as exc:
-            text = str(exc)
-            if "already exists" in text and job.get("submission_id"):
-                return job["submission_id"]  # an earlier try got through after all
-            if "No available agent" not in text or time.monotonic() > deadline:
-                raise
-            time.sleep(1)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--products", type=int, default=48)
@@ -72,7 +55,13 @@ def main() -> None:
     from batch_index.__main__ import main as batch_index
     from deployments.core.demo import generate_demo_catalog
     from deployments.core.settings import load_settings
-    from tests.support import LiteServer, free_port, perturbed_checkpoint, write_config
+    from tests.support import (
+        LiteServer,
+        free_port,
+        perturbed_checkpoint,
+        submit_when_ready,
+        write_config,
+    )
 
     work = Path(tempfile.mkdtemp(prefix="rebuild-job-"))
     milvus = LiteServer(work / "milvus", free_port())

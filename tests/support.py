@@ -140,3 +140,20 @@ def write_config(path: Path, settings, app_name: str = "shopsearch") -> Path:
     args = json.loads(settings.model_dump_json(exclude={"auth"}))
     path.write_text(yaml.safe_dump({"applications": [{"name": app_name, "args": args}]}))
     return path
+
+
+def submit_when_ready(client, timeout: float = 120, **job) -> str:
+    """`JobSubmissionClient.submit_job`, retried while the job server has no agent yet (right
+    after a cluster starts it answers 500 "No available agent to submit job"), up to `timeout`
+    seconds. A fixed submission_id keeps a retry from starting the job twice."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return client.submit_job(**job)
+        except RuntimeError as exc:
+            text = str(exc)
+            if "already exists" in text and job.get("submission_id"):
+                return job["submission_id"]  # an earlier try got through after all
+            if "No available agent" not in text or time.monotonic() > deadline:
+                raise
+            time.sleep(1)
