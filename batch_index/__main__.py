@@ -54,6 +54,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     index.add_argument("--text-actor-cpus", type=float, default=0.1)
     index.add_argument("--task-cpus", type=float, default=0.1,
                        help="CPUs each read/decode task reserves")
+    index.add_argument("--decode-tasks", type=int, default=2,
+                       help="read/decode tasks running at once (raise on a cluster)")
     index.add_argument("--writers", type=int, help="parallel writers (server only; default 4)")
     index.add_argument("--via-service", choices=["auto", "yes", "no"], default="auto",
                        help="write through the running service (auto: when it owns Lite)")
@@ -150,8 +152,6 @@ def cmd_stats(settings: AppSettings) -> None:
 
 def cmd_index(args: argparse.Namespace, settings: AppSettings) -> int:
     """Read the catalogue, run the Ray Data job, write, summarise."""
-    import ray
-
     from batch_index import pipeline
 
     if args.catalog:
@@ -162,14 +162,13 @@ def cmd_index(args: argparse.Namespace, settings: AppSettings) -> int:
         raise SystemExit("give --catalog CSV (and optionally --images DIR) or --images DIR")
     if args.limit:
         rows = rows[: args.limit]
-    if not ray.is_initialized():
-        ray.init(address=args.address or os.environ.get("RAY_ADDRESS"))
     options = pipeline.IndexOptions(
         batch_size=args.batch_size, image_actors=args.image_actors, text_actors=args.text_actors,
         image_threads=args.image_threads, num_gpus=args.num_gpus, force=args.force,
         image_actor_cpus=args.image_actor_cpus, text_actor_cpus=args.text_actor_cpus,
-        task_cpus=args.task_cpus,
+        task_cpus=args.task_cpus, decode_tasks=args.decode_tasks,
         writers=args.writers or (1 if settings.milvus.is_lite else 4),
+        ray_address=_ray_address(args),
     )
     search = _service_handle(args, settings)
     if search is not None:
@@ -191,21 +190,40 @@ def cmd_index(args: argparse.Namespace, settings: AppSettings) -> int:
     summary = pipeline.run_index(rows, rejects, settings, known, writer, options)
     pipeline.write_rejects(args.rejects, summary.rejects)
     if not args.no_fit:  # before the summary, which stays the last line
-        cmd_fit(args, settings, search, None if search is not None else store)
+        fit_unless_current(args, settings, search, None if search is not None else store)
     print(summary.line())
     print(f"rejects: {summary.rejected} -> {Path(args.rejects).resolve()}")
     print("summary " + pipeline.summary_json(summary))
     return 0
 
 
+def fit_unless_current(args: argparse.Namespace, settings: AppSettings, search=None,
+                       store=None) -> None:
+    """The fit after `index`, skipped when the current heads were fitted on exactly the rows
+    now stored with the same settings (batch_index.fitted_on): a rerun that changed nothing."""
+    from batch_index import fitted_on
+
+    stored = (search.fingerprints.remote(None).result() if search is not None
+              else store.fingerprints())
+    if fitted_on.is_current(settings, stored):
+        print("heads unchanged: the current fit was made on this very catalogue")
+        return
+    heads = _fit(args, settings, search, store)
+    if heads is not None:
+        fitted_on.record(settings, stored, heads.version)
+
+
 def cmd_fit(args: argparse.Namespace, settings: AppSettings, search=None, store=None) -> int:
     """Fit heads on the stored catalogue (batch_index.fit) and print their figures."""
-    import ray
+    _fit(args, settings, search, store)
+    return 0
 
+
+def _fit(args: argparse.Namespace, settings: AppSettings, search=None, store=None):
+    """Fit, save and print the heads; None when the catalogue is below heads.min_products."""
     from batch_index.fit import run_fit
 
-    if not ray.is_initialized():
-        ray.init(address=args.address or os.environ.get("RAY_ADDRESS"))
+    _ensure_ray(args)
     if search is None and store is None:
         search = _service_handle(args, settings)
         if search is None:
@@ -214,9 +232,23 @@ def cmd_fit(args: argparse.Namespace, settings: AppSettings, search=None, store=
     if heads is None:
         log.info("heads not fitted: fewer than heads.min_products = %d products",
                  settings.heads.min_products)
-        return 0
+        return None
     print("heads " + json.dumps(heads.summary()))
-    return 0
+    return heads
+
+
+def _ray_address(args: argparse.Namespace) -> str | None:
+    """Where Ray runs: --address, else RAY_ADDRESS, else None (a local Ray, or the job's)."""
+    return args.address or os.environ.get("RAY_ADDRESS")
+
+
+def _ensure_ray(args: argparse.Namespace) -> None:
+    """Connect to (or start) Ray, once; only steps that use it call this, so a rerun that
+    finds nothing changed, direct to Milvus, needs no Ray at all."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(address=_ray_address(args))
 
 
 def _service_handle(args: argparse.Namespace, settings: AppSettings):
@@ -225,6 +257,7 @@ def _service_handle(args: argparse.Namespace, settings: AppSettings):
         return None
     from ray import serve
 
+    _ensure_ray(args)
     try:
         apps = serve.status().applications
     except Exception:  # no Serve on this cluster
