@@ -10,6 +10,8 @@
                      deployment when it owns a Milvus Lite store.
 
 The encoders are the same classes the Serve deployments use, so online and offline vectors match.
+They (and torch) are imported only inside the actors: a rerun that finds nothing changed never
+imports them.
 """
 
 from __future__ import annotations
@@ -27,9 +29,9 @@ import ray
 from tqdm import tqdm
 
 from batch_index.decode import OK, REJECTED, load_images
-from deployments.core import encoders
 from deployments.core.catalog import CatalogRow, Reject
 from deployments.core.colour import COLOUR_DIMS
+from deployments.core.images import ImagePreprocessor
 from deployments.core.media import MediaStore
 from deployments.core.products import Product, image_hash
 from deployments.core.settings import AppSettings
@@ -134,6 +136,8 @@ class ImageEmbedder:
     """Actor: embeds the decoded photos of a batch with the shared image encoder."""
 
     def __init__(self, settings: AppSettings, threads: int) -> None:
+        from deployments.core import encoders  # torch: only where a model runs
+
         self.encoder = encoders.ImageEncoder(settings.image_model, num_threads=threads)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -155,6 +159,8 @@ class TextEmbedder:
     """Actor: embeds the product texts of a batch with the shared text encoder."""
 
     def __init__(self, settings: AppSettings) -> None:
+        from deployments.core import encoders
+
         self.encoder = encoders.TextEncoder(settings.text_model, num_threads=1)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -170,13 +176,14 @@ def build_dataset(rows: list[CatalogRow], settings: AppSettings,
     """The lazy Ray Data graph over the rows to embed (stamped by `plan_rows`)."""
     items = [{"row": r.row, "id": r.id, "product_json": r.product_json,
               "image_path": r.image_path} for r in rows]
-    preprocessor = encoders.ImagePreprocessor.for_settings(settings.image_model)
+    preprocessor = ImagePreprocessor.for_settings(settings.image_model)
     # Ray Data's default scheduling strategy is SPREAD, so the actor pools and tasks spread
     # across the cluster's nodes.
+    blocks = max(1, len(items) // options.batch_size)
     return (
-        ray.data.from_items(items, override_num_blocks=max(1, len(items) // options.batch_size))
+        ray.data.from_items(items, override_num_blocks=blocks)
         .map_batches(load_images, batch_size=options.batch_size, num_cpus=options.task_cpus,
-                     compute=ray.data.TaskPoolStrategy(size=options.decode_tasks),
+                     compute=ray.data.TaskPoolStrategy(size=min(options.decode_tasks, blocks)),
                      fn_kwargs={"preprocessor": preprocessor})
         .map_batches(ImageEmbedder, batch_size=options.batch_size,
                      compute=ray.data.ActorPoolStrategy(size=options.image_actors),
