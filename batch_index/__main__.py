@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
 import os
@@ -110,14 +111,39 @@ def cmd_create(settings: AppSettings) -> None:
 def ensure_live(store, settings: AppSettings) -> str:
     """The physical collection behind the alias (a fresh store gets `<name>__v1`), refused
     when its vectors come from other models than the configured ones."""
-    from deployments.core.encoders import model_dims
     from deployments.core.versions import ensure_live as ensure
     from deployments.core.versions import image_model_id, text_model_id
 
-    image_dim, text_dim = model_dims(settings.image_model, settings.text_model)
+    image_dim, text_dim = remembered_dims(settings)
     return ensure(store, settings.image_model, settings.text_model,
                   image_model_id(settings.image_model), image_dim,
                   text_model_id(settings.text_model), text_dim)
+
+
+def remembered_dims(settings: AppSettings) -> tuple[int, int]:
+    """(image_dim, text_dim) of the configured architectures (`encoders.model_dims`), kept in
+    the model cache folder after the first time: reading them builds the timm model and imports
+    transformers (~5 s), most of a rerun that finds nothing changed."""
+    text = settings.text_model.model_path
+    config = Path(text) / "config.json" if text else None
+    key = hashlib.sha256(json.dumps([settings.image_model.model_name, text or "bundled"]).encode())
+    if config is not None and config.exists():  # another model copied into the same folder
+        key.update(config.read_bytes())
+    path = Path(settings.image_model.cache_dir) / f"dims-{key.hexdigest()[:16]}.json"
+    try:
+        image_dim, text_dim = json.loads(path.read_text())
+        return int(image_dim), int(text_dim)
+    except (OSError, ValueError, TypeError):
+        pass
+    from deployments.core.encoders import model_dims
+
+    dims = model_dims(settings.image_model, settings.text_model)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(list(dims)))
+    except OSError:  # a read-only cache folder: computed again next time
+        pass
+    return dims
 
 
 def cmd_drop(settings: AppSettings) -> None:

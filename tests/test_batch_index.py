@@ -140,6 +140,21 @@ def test_plan_stamps_rows_as_the_writer_does_and_skips_unchanged(tmp_path):
     assert len(plan_rows(rows, stored, force=True).todo) == len(plan.todo)
 
 
+def test_model_dims_are_remembered_beside_the_model_cache(tmp_path, settings_factory):
+    from batch_index.__main__ import remembered_dims
+    from deployments.core.encoders import model_dims
+
+    settings = settings_factory(tmp_path)
+    settings = settings.model_copy(update={"image_model": settings.image_model.model_copy(
+        update={"cache_dir": str(tmp_path / "cache")})})
+    expected = model_dims(settings.image_model, settings.text_model)
+    assert remembered_dims(settings) == expected == (1280, 384)
+    [saved] = (tmp_path / "cache").glob("dims-*.json")
+    assert json.loads(saved.read_text()) == list(expected)
+    saved.write_text("not json")  # a damaged file is computed again, not trusted
+    assert remembered_dims(settings) == expected
+
+
 # -- integration: the Ray Data job ----------------------------------------------------------
 @pytest.fixture
 def job_config(tmp_path, settings_factory) -> Path:
