@@ -216,7 +216,8 @@ def cmd_index(args: argparse.Namespace, settings: AppSettings) -> int:
     summary = pipeline.run_index(rows, rejects, settings, known, writer, options)
     pipeline.write_rejects(args.rejects, summary.rejects)
     if not args.no_fit:  # before the summary, which stays the last line
-        fit_unless_current(args, settings, search, None if search is not None else store)
+        fit_unless_current(args, settings, search, None if search is not None else store,
+                           force=args.force)
     print(summary.line())
     print(f"rejects: {summary.rejected} -> {Path(args.rejects).resolve()}")
     print("summary " + pipeline.summary_json(summary))
@@ -224,14 +225,15 @@ def cmd_index(args: argparse.Namespace, settings: AppSettings) -> int:
 
 
 def fit_unless_current(args: argparse.Namespace, settings: AppSettings, search=None,
-                       store=None) -> None:
+                       store=None, force: bool = False) -> None:
     """The fit after `index`, skipped when the current heads were fitted on exactly the rows
-    now stored with the same settings (batch_index.fitted_on): a rerun that changed nothing."""
+    now stored with the same settings (batch_index.fitted_on): a rerun that changed nothing.
+    `force` (index --force: vectors made again, perhaps by changed code) always fits."""
     from batch_index import fitted_on
 
     stored = (search.fingerprints.remote(None).result() if search is not None
               else store.fingerprints())
-    if fitted_on.is_current(settings, stored):
+    if not force and fitted_on.is_current(settings, stored):
         print("heads unchanged: the current fit was made on this very catalogue")
         return
     heads = _fit(args, settings, search, store)

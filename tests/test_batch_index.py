@@ -311,10 +311,11 @@ def test_rerun_embeds_only_changed_rows_and_nothing_when_none_changed(
     assert encoder_actors() == actors
     assert same["fit_skipped"] and current_version(heads) == fit
 
-    # --force still re-embeds every row.
+    # --force still re-embeds every row, and fits again.
     run_job(config, *job, "--force")
     forced = json.loads(capsys.readouterr().out.split("summary ")[-1])
     assert (forced["indexed"], forced["unchanged"]) == (12, 0)
+    assert current_version(heads) != fit
 
 
 @pytest.mark.integration
