@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
 import os
@@ -54,6 +55,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     index.add_argument("--text-actor-cpus", type=float, default=0.1)
     index.add_argument("--task-cpus", type=float, default=0.1,
                        help="CPUs each read/decode task reserves")
+    index.add_argument("--decode-tasks", type=int, default=2,
+                       help="read/decode tasks running at once (raise on a cluster)")
     index.add_argument("--writers", type=int, help="parallel writers (server only; default 4)")
     index.add_argument("--via-service", choices=["auto", "yes", "no"], default="auto",
                        help="write through the running service (auto: when it owns Lite)")
@@ -108,14 +111,39 @@ def cmd_create(settings: AppSettings) -> None:
 def ensure_live(store, settings: AppSettings) -> str:
     """The physical collection behind the alias (a fresh store gets `<name>__v1`), refused
     when its vectors come from other models than the configured ones."""
-    from deployments.core.encoders import model_dims
     from deployments.core.versions import ensure_live as ensure
     from deployments.core.versions import image_model_id, text_model_id
 
-    image_dim, text_dim = model_dims(settings.image_model, settings.text_model)
+    image_dim, text_dim = remembered_dims(settings)
     return ensure(store, settings.image_model, settings.text_model,
                   image_model_id(settings.image_model), image_dim,
                   text_model_id(settings.text_model), text_dim)
+
+
+def remembered_dims(settings: AppSettings) -> tuple[int, int]:
+    """(image_dim, text_dim) of the configured architectures (`encoders.model_dims`), kept in
+    the model cache folder after the first time: reading them builds the timm model and imports
+    transformers (~5 s), most of a rerun that finds nothing changed."""
+    text = settings.text_model.model_path
+    config = Path(text) / "config.json" if text else None
+    key = hashlib.sha256(json.dumps([settings.image_model.model_name, text or "bundled"]).encode())
+    if config is not None and config.exists():  # another model copied into the same folder
+        key.update(config.read_bytes())
+    path = Path(settings.image_model.cache_dir) / f"dims-{key.hexdigest()[:16]}.json"
+    try:
+        image_dim, text_dim = json.loads(path.read_text())
+        return int(image_dim), int(text_dim)
+    except (OSError, ValueError, TypeError):
+        pass
+    from deployments.core.encoders import model_dims
+
+    dims = model_dims(settings.image_model, settings.text_model)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(list(dims)))
+    except OSError:  # a read-only cache folder: computed again next time
+        pass
+    return dims
 
 
 def cmd_drop(settings: AppSettings) -> None:
@@ -150,8 +178,6 @@ def cmd_stats(settings: AppSettings) -> None:
 
 def cmd_index(args: argparse.Namespace, settings: AppSettings) -> int:
     """Read the catalogue, run the Ray Data job, write, summarise."""
-    import ray
-
     from batch_index import pipeline
 
     if args.catalog:
@@ -162,14 +188,13 @@ def cmd_index(args: argparse.Namespace, settings: AppSettings) -> int:
         raise SystemExit("give --catalog CSV (and optionally --images DIR) or --images DIR")
     if args.limit:
         rows = rows[: args.limit]
-    if not ray.is_initialized():
-        ray.init(address=args.address or os.environ.get("RAY_ADDRESS"))
     options = pipeline.IndexOptions(
         batch_size=args.batch_size, image_actors=args.image_actors, text_actors=args.text_actors,
         image_threads=args.image_threads, num_gpus=args.num_gpus, force=args.force,
         image_actor_cpus=args.image_actor_cpus, text_actor_cpus=args.text_actor_cpus,
-        task_cpus=args.task_cpus,
+        task_cpus=args.task_cpus, decode_tasks=args.decode_tasks,
         writers=args.writers or (1 if settings.milvus.is_lite else 4),
+        ray_address=_ray_address(args),
     )
     search = _service_handle(args, settings)
     if search is not None:
@@ -191,21 +216,42 @@ def cmd_index(args: argparse.Namespace, settings: AppSettings) -> int:
     summary = pipeline.run_index(rows, rejects, settings, known, writer, options)
     pipeline.write_rejects(args.rejects, summary.rejects)
     if not args.no_fit:  # before the summary, which stays the last line
-        cmd_fit(args, settings, search, None if search is not None else store)
+        fit_unless_current(args, settings, search, None if search is not None else store,
+                           force=args.force)
     print(summary.line())
     print(f"rejects: {summary.rejected} -> {Path(args.rejects).resolve()}")
     print("summary " + pipeline.summary_json(summary))
     return 0
 
 
+def fit_unless_current(args: argparse.Namespace, settings: AppSettings, search=None,
+                       store=None, force: bool = False) -> None:
+    """The fit after `index`, skipped when the current heads were fitted on exactly the rows
+    now stored with the same settings (batch_index.fitted_on): a rerun that changed nothing.
+    `force` (index --force: vectors made again, perhaps by changed code) always fits."""
+    from batch_index import fitted_on
+
+    stored = (search.fingerprints.remote(None).result() if search is not None
+              else store.fingerprints())
+    if not force and fitted_on.is_current(settings, stored):
+        print("heads unchanged: the current fit was made on this very catalogue")
+        return
+    heads = _fit(args, settings, search, store)
+    if heads is not None:
+        fitted_on.record(settings, stored, heads.version)
+
+
 def cmd_fit(args: argparse.Namespace, settings: AppSettings, search=None, store=None) -> int:
     """Fit heads on the stored catalogue (batch_index.fit) and print their figures."""
-    import ray
+    _fit(args, settings, search, store)
+    return 0
 
+
+def _fit(args: argparse.Namespace, settings: AppSettings, search=None, store=None):
+    """Fit, save and print the heads; None when the catalogue is below heads.min_products."""
     from batch_index.fit import run_fit
 
-    if not ray.is_initialized():
-        ray.init(address=args.address or os.environ.get("RAY_ADDRESS"))
+    _ensure_ray(args)
     if search is None and store is None:
         search = _service_handle(args, settings)
         if search is None:
@@ -214,9 +260,23 @@ def cmd_fit(args: argparse.Namespace, settings: AppSettings, search=None, store=
     if heads is None:
         log.info("heads not fitted: fewer than heads.min_products = %d products",
                  settings.heads.min_products)
-        return 0
+        return None
     print("heads " + json.dumps(heads.summary()))
-    return 0
+    return heads
+
+
+def _ray_address(args: argparse.Namespace) -> str | None:
+    """Where Ray runs: --address, else RAY_ADDRESS, else None (a local Ray, or the job's)."""
+    return args.address or os.environ.get("RAY_ADDRESS")
+
+
+def _ensure_ray(args: argparse.Namespace) -> None:
+    """Connect to (or start) Ray, once; only steps that use it call this, so a rerun that
+    finds nothing changed, direct to Milvus, needs no Ray at all."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(address=_ray_address(args))
 
 
 def _service_handle(args: argparse.Namespace, settings: AppSettings):
@@ -225,6 +285,7 @@ def _service_handle(args: argparse.Namespace, settings: AppSettings):
         return None
     from ray import serve
 
+    _ensure_ray(args)
     try:
         apps = serve.status().applications
     except Exception:  # no Serve on this cluster

@@ -1,7 +1,8 @@
 """The Ray Data graph that embeds a catalogue, and the writers that store the result.
 
-    rows -> [tasks]  read photo (the only read), stamp hash + fingerprint, skip unchanged,
-                     decode + resize (ImagePreprocessor), product text to embed
+    rows -> driver   read + hash each photo, stamp the fingerprint, drop unchanged rows
+                     (plan_rows: nothing decoded; an unchanged catalogue stops here)
+         -> [tasks]  read photo, decode + resize (ImagePreprocessor), product text to embed
          -> [actors] image vectors (encoders.ImageEncoder, batched)
          -> [actors] text vectors  (encoders.TextEncoder, batched)
          -> driver   writes batches (products, the photo bytes read by the task, vectors):
@@ -9,6 +10,8 @@
                      deployment when it owns a Milvus Lite store.
 
 The encoders are the same classes the Serve deployments use, so online and offline vectors match.
+They (and torch) are imported only inside the actors: a rerun that finds nothing changed never
+imports them.
 """
 
 from __future__ import annotations
@@ -20,24 +23,22 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import ray
 from tqdm import tqdm
 
-from deployments.core import encoders
+from batch_index.decode import OK, REJECTED, load_images
 from deployments.core.catalog import CatalogRow, Reject
 from deployments.core.colour import COLOUR_DIMS
-from deployments.core.errors import InvalidInput
+from deployments.core.images import ImagePreprocessor
 from deployments.core.media import MediaStore
-from deployments.core.products import Product
+from deployments.core.products import Product, image_hash
 from deployments.core.settings import AppSettings
 from deployments.core.store import ProductStore
-from deployments.core.writes import stamp, write_products
+from deployments.core.writes import stamp_hash, write_products
 
 log = logging.getLogger(__name__)
-OK, UNCHANGED, REJECTED = "ok", "unchanged", "rejected"
 
 
 @dataclass
@@ -49,12 +50,18 @@ class IndexOptions:
     text_actors: int = 1
     image_threads: int = 2
     task_cpus: float = 0.1
+    # Decode tasks running at once. Without a cap Ray Data runs 2 / task_cpus of them (20 on
+    # 2 cores): each a worker process with torch imported, decoding far ahead of the encoder
+    # while the encoder actors still load their models.
+    decode_tasks: int = 2
     image_actor_cpus: float = 0.25
     text_actor_cpus: float = 0.1
     num_gpus: float = 0
     force: bool = False
     write_batch: int = 256
     writers: int = 1
+    # Ray to start or join when rows need embedding (None: RAY_ADDRESS, the job's, or local).
+    ray_address: str | None = None
 
 
 @dataclass
@@ -80,53 +87,48 @@ class Summary:
                 f"of {self.total} rows in {self.wall_s:.1f} s ({self.images_per_s:.1f} images/s)")
 
 
-# -- stage 1: tasks ----------------------------------------------------------------------
-_KNOWN: dict[str, dict[str, str]] = {}
+# -- stage 0: the driver's plan -------------------------------------------------------------
+@dataclass
+class Plan:
+    """The catalogue split in the driver before any Ray work: rows to embed (their product JSON
+    stamped with photo hash and fingerprint), how many are unchanged, and unreadable photos."""
+
+    todo: list[CatalogRow] = field(default_factory=list)
+    unchanged: int = 0
+    rejects: list[Reject] = field(default_factory=list)
 
 
-def _known(ref_box: list) -> dict[str, str]:
-    """Stored fingerprints, fetched once per worker process from the object store."""
-    key = ref_box[0].hex()
-    if key not in _KNOWN:
-        _KNOWN.clear()
-        _KNOWN[key] = ray.get(ref_box[0])
-    return _KNOWN[key]
+def _photo_hash(path: str) -> tuple[str, str]:
+    """(SHA-256 of the photo file, "") or ("", why it cannot be read)."""
+    try:
+        return image_hash(Path(path).read_bytes()), ""
+    except FileNotFoundError:
+        return "", f"image file not found: {path}"
+    except OSError as exc:
+        return "", f"unreadable image: {exc}"
 
 
-def load_images(batch: dict[str, np.ndarray], *, preprocessor: encoders.ImagePreprocessor,
-                known_box: list, force: bool) -> dict[str, np.ndarray]:
-    """Read, hash and decode each row's photo; mark unchanged and unreadable rows. The one
-    place a photo is read and the product JSON parsed: rows to write carry the stamped product
-    JSON, the photo bytes (`photo`) and the text to embed (`text`) on to the writer."""
-    known = _known(known_box)
-    out: dict[str, list[Any]] = {"id": [], "product_json": [], "status": [], "reason": [],
-                                 "pixels": [], "photo": [], "text": [], "row": []}
-    for i, product_id in enumerate(batch["id"]):
-        status, reason, pixels, product_json = OK, "", b"", batch["product_json"][i]
-        data, text = b"", ""
-        try:
-            data = Path(batch["image_path"][i]).read_bytes()
-            product = stamp(Product.model_validate_json(product_json), data)
-            product_json = product.model_dump_json()
-            if not force and known.get(product_id) == product.fingerprint:
-                status, data = UNCHANGED, b""
+def plan_rows(rows: list[CatalogRow], known: dict[str, str], force: bool,
+              threads: int = 4) -> Plan:
+    """Which rows need embedding: each photo is read and hashed (`threads` overlap the file
+    reads), each product stamped as the writer stores it (`writes.stamp_hash`: photo SHA-256 +
+    every product field) and compared with `known` (stored id -> fingerprint). Nothing is
+    decoded or embedded here, so an unchanged catalogue never reaches Ray Data or a model.
+    `force`: every readable row is to embed."""
+    plan = Plan()
+    with ThreadPoolExecutor(max(1, threads)) as pool:
+        hashes = pool.map(_photo_hash, [r.image_path for r in rows])
+        for row, (digest, reason) in zip(rows, hashes, strict=True):
+            if reason:
+                plan.rejects.append(Reject(row.row, row.id, reason))
+                continue
+            product = stamp_hash(Product.model_validate_json(row.product_json), digest)
+            if not force and known.get(row.id) == product.fingerprint:
+                plan.unchanged += 1
             else:
-                image = encoders.decode_image(data)
-                pixels = preprocessor.model_pixels(image).tobytes()
-                text = product.embedding_text()
-        except FileNotFoundError:
-            status, reason = REJECTED, f"image file not found: {batch['image_path'][i]}"
-        except (OSError, InvalidInput) as exc:
-            status, reason = REJECTED, getattr(exc, "message", None) or f"unreadable image: {exc}"
-        if status == REJECTED:
-            data = b""
-        for key, value in (("id", product_id), ("product_json", product_json),
-                           ("status", status), ("reason", reason), ("pixels", pixels),
-                           ("photo", data), ("text", text), ("row", batch["row"][i])):
-            out[key].append(value)
-    # Bytes stay objects: a fixed-width bytes array would drop trailing NUL bytes.
-    return {k: np.asarray(v, dtype=object) if k in ("pixels", "photo") else np.asarray(v)
-            for k, v in out.items()}
+                plan.todo.append(CatalogRow(row.row, row.id, product.model_dump_json(),
+                                            row.image_path))
+    return plan
 
 
 # -- stages 2 and 3: actor pools -----------------------------------------------------------
@@ -134,17 +136,16 @@ class ImageEmbedder:
     """Actor: embeds the decoded photos of a batch with the shared image encoder."""
 
     def __init__(self, settings: AppSettings, threads: int) -> None:
+        from deployments.core import encoders  # torch: only where a model runs
+
         self.encoder = encoders.ImageEncoder(settings.image_model, num_threads=threads)
-        self.shape = (*self.encoder.preprocessor.input_size, 3)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         ok = batch["status"] == OK
         vectors = np.zeros((len(ok), self.encoder.dim), dtype=np.float32)
         colours = np.zeros((len(ok), COLOUR_DIMS), dtype=np.float32)
         if ok.any():
-            pixels = np.stack([np.frombuffer(p, np.uint8).reshape(self.shape)
-                               for p in batch["pixels"][ok]])
-            features = self.encoder.features_pixels(pixels)
+            features = self.encoder.features_pixels(batch["pixels"][ok])
             vectors[ok] = np.stack([f.vector for f in features])
             colours[ok] = np.stack([f.colour for f in features])
         out = {k: v for k, v in batch.items() if k != "pixels"}
@@ -158,6 +159,8 @@ class TextEmbedder:
     """Actor: embeds the product texts of a batch with the shared text encoder."""
 
     def __init__(self, settings: AppSettings) -> None:
+        from deployments.core import encoders
+
         self.encoder = encoders.TextEncoder(settings.text_model, num_threads=1)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -168,19 +171,20 @@ class TextEmbedder:
         return {**batch, "text_vector": vectors}
 
 
-def build_dataset(rows: list[CatalogRow], settings: AppSettings, known: dict[str, str],
+def build_dataset(rows: list[CatalogRow], settings: AppSettings,
                   options: IndexOptions) -> ray.data.Dataset:
-    """The lazy Ray Data graph over the catalogue rows."""
+    """The lazy Ray Data graph over the rows to embed (stamped by `plan_rows`)."""
     items = [{"row": r.row, "id": r.id, "product_json": r.product_json,
               "image_path": r.image_path} for r in rows]
-    preprocessor = encoders.ImagePreprocessor.for_settings(settings.image_model)
+    preprocessor = ImagePreprocessor.for_settings(settings.image_model)
     # Ray Data's default scheduling strategy is SPREAD, so the actor pools and tasks spread
     # across the cluster's nodes.
+    blocks = max(1, len(items) // options.batch_size)
     return (
-        ray.data.from_items(items, override_num_blocks=max(1, len(items) // options.batch_size))
+        ray.data.from_items(items, override_num_blocks=blocks)
         .map_batches(load_images, batch_size=options.batch_size, num_cpus=options.task_cpus,
-                     fn_kwargs={"preprocessor": preprocessor, "known_box": [ray.put(known)],
-                                "force": options.force})
+                     compute=ray.data.TaskPoolStrategy(size=min(options.decode_tasks, blocks)),
+                     fn_kwargs={"preprocessor": preprocessor})
         .map_batches(ImageEmbedder, batch_size=options.batch_size,
                      compute=ray.data.ActorPoolStrategy(size=options.image_actors),
                      fn_constructor_kwargs={"settings": settings,
@@ -237,35 +241,50 @@ def service_writer(handle) -> ServiceWriter:
 def run_index(rows: list[CatalogRow], rejects: list[Reject], settings: AppSettings,
               known: dict[str, str], writer: DirectWriter | ServiceWriter,
               options: IndexOptions) -> Summary:
-    """Embed and write every changed row; count what happened."""
+    """Embed and write every changed row (`known`: stored id -> fingerprint); count what
+    happened. Unchanged rows are found by `plan_rows` in this process: when none changed, no
+    dataset is built, no actor starts and no model loads."""
     start = time.perf_counter()
-    summary = Summary(total=len(rows) + len(rejects), rejects=list(rejects))
-    if rows:
-        dataset = build_dataset(rows, settings, known, options)
-        with ThreadPoolExecutor(max(1, options.writers)) as pool, \
-                tqdm(total=len(rows), desc="index", unit="row") as bar:
-            pending = []
-            for batch in _batches(dataset, options.write_batch):
-                _count(batch, summary)
-                ok = batch["status"] == OK
-                if ok.any():
-                    products = [Product.model_validate_json(j) for j in batch["product_json"][ok]]
-                    images = list(batch["photo"][ok])  # read (and hashed) by the task
-                    pending.append(pool.submit(
-                        writer, products, images, batch["image_vector"][ok],
-                        batch["text_vector"][ok], batch["colour_vector"][ok]))
-                    summary.indexed += int(ok.sum())
-                    while len(pending) > 2 * options.writers:  # bound what waits in memory
-                        pending.pop(0).result()
-                bar.update(len(ok))
-            for future in pending:
-                future.result()
+    plan = plan_rows(rows, known, options.force)
+    summary = Summary(total=len(rows) + len(rejects), unchanged=plan.unchanged,
+                      rejects=[*rejects, *plan.rejects])
+    log.info("plan: %d rows to embed, %d unchanged, %d unreadable (%.1f s)", len(plan.todo),
+             plan.unchanged, len(plan.rejects), time.perf_counter() - start)
+    if plan.todo:
+        if not ray.is_initialized():
+            ray.init(address=options.ray_address)
+        _embed_and_write(plan.todo, settings, writer, options, summary)
         if summary.indexed:
             writer.finish()
     summary.rejected = len(summary.rejects)
     summary.wall_s = time.perf_counter() - start
-    _record_metrics(summary)
+    _record_metrics(summary, options.ray_address)
     return summary
+
+
+def _embed_and_write(rows: list[CatalogRow], settings: AppSettings,
+                     writer: DirectWriter | ServiceWriter, options: IndexOptions,
+                     summary: Summary) -> None:
+    """Stream the rows through the Ray Data graph and hand each batch to the writer."""
+    dataset = build_dataset(rows, settings, options)
+    with ThreadPoolExecutor(max(1, options.writers)) as pool, \
+            tqdm(total=len(rows), desc="index", unit="row") as bar:
+        pending = []
+        for batch in _batches(dataset, options.write_batch):
+            _count(batch, summary)
+            ok = batch["status"] == OK
+            if ok.any():
+                products = [Product.model_validate_json(j) for j in batch["product_json"][ok]]
+                images = list(batch["photo"][ok])  # read by the task
+                pending.append(pool.submit(
+                    writer, products, images, batch["image_vector"][ok],
+                    batch["text_vector"][ok], batch["colour_vector"][ok]))
+                summary.indexed += int(ok.sum())
+                while len(pending) > 2 * options.writers:  # bound what waits in memory
+                    pending.pop(0).result()
+            bar.update(len(ok))
+        for future in pending:
+            future.result()
 
 
 def _batches(dataset: ray.data.Dataset, size: int) -> Iterator[dict[str, np.ndarray]]:
@@ -273,16 +292,22 @@ def _batches(dataset: ray.data.Dataset, size: int) -> Iterator[dict[str, np.ndar
 
 
 def _count(batch: dict[str, np.ndarray], summary: Summary) -> None:
-    summary.unchanged += int((batch["status"] == UNCHANGED).sum())
     summary.image_nodes.update(str(n) for n in batch["node"])
     for i in np.flatnonzero(batch["status"] == REJECTED):
         summary.rejects.append(Reject(int(batch["row"][i]), str(batch["id"][i]),
                                       str(batch["reason"][i])))
 
 
-def _record_metrics(summary: Summary) -> None:
-    """Index job rows by outcome, through Ray's metrics API."""
+def _record_metrics(summary: Summary, address: str | None) -> None:
+    """Index job rows by outcome, through Ray's metrics API. A run that needed no Ray records
+    them on the cluster it was pointed at (`address`); a local Ray would die with this process,
+    so without one nothing is recorded."""
     from ray.util.metrics import Counter
+
+    if not ray.is_initialized():
+        if address in (None, "local"):
+            return
+        ray.init(address=address)
 
     counter = Counter("shopsearch_index_rows", description="Catalogue rows by index outcome.",
                       tag_keys=("outcome",))

@@ -11,11 +11,17 @@ import httpx
 import numpy as np
 import pytest
 import yaml
+from PIL import Image, ImageOps
 
+from batch_index import fitted_on
 from batch_index.__main__ import main
+from batch_index.pipeline import plan_rows
 from deployments.core.catalog import parse_mapping, read_csv_catalog, read_folder_catalog
 from deployments.core.demo import generate_demo_catalog
+from deployments.core.heads import CURRENT, current_version, heads_folder
+from deployments.core.products import Product
 from deployments.core.store import ProductStore
+from deployments.core.writes import stamp
 
 FIELDS = ["id", "title", "category", "subcategory", "article_type", "colour", "gender", "season",
           "usage", "image", "year", "price"]
@@ -96,6 +102,59 @@ def test_folder_catalog_titles_from_file_names(tmp_path):
     assert titles["red_summer-dress"] == "red summer dress" and len(rows) == 4
 
 
+def test_fit_is_current_only_for_the_same_rows_settings_and_version(tmp_path, settings_factory):
+    settings = settings_factory(tmp_path, heads={"dir": str(tmp_path / "heads")})
+    folder = heads_folder(settings.heads.dir, settings.milvus.collection)
+    stored = {"a": "1" * 64, "b": "2" * 64}
+    assert not fitted_on.is_current(settings, stored)  # never fitted
+    folder.mkdir(parents=True)
+    (folder / CURRENT).write_text(json.dumps({"version": "v1"}))
+    fitted_on.record(settings, stored, "v1")
+    assert fitted_on.is_current(settings, dict(reversed(stored.items())))
+    assert not fitted_on.is_current(settings, stored | {"b": "3" * 64})  # a row changed
+    assert not fitted_on.is_current(settings, {"a": stored["a"]})  # a row removed
+    assert not fitted_on.is_current(settings, stored | {"c": "4" * 64})  # a row added
+    other = settings.model_copy(update={"heads": settings.heads.model_copy(
+        update={"align_epochs": settings.heads.align_epochs + 1})})
+    assert not fitted_on.is_current(other, stored)  # other heads settings
+    (folder / CURRENT).write_text(json.dumps({"version": "v2"}))
+    assert not fitted_on.is_current(settings, stored)  # another fit is current
+
+
+def test_plan_stamps_rows_as_the_writer_does_and_skips_unchanged(tmp_path):
+    catalog, _ = make_catalog(tmp_path / "cat", n_good=5)
+    rows, _ = read_csv_catalog(catalog, tmp_path / "cat" / "images")
+    plan = plan_rows(rows, {}, force=False)
+    assert [r.id for r in plan.rejects] == ["missing-photo"]
+    assert "not found" in plan.rejects[0].reason and plan.unchanged == 0
+    by_id = {r.id: r for r in rows}
+    for todo in plan.todo:  # the writer's own stamp of the same photo and fields
+        original = Product.model_validate_json(by_id[todo.id].product_json)
+        expected = stamp(original, Path(todo.image_path).read_bytes())
+        assert Product.model_validate_json(todo.product_json) == expected
+    stored = {r.id: json.loads(r.product_json)["fingerprint"] for r in plan.todo}
+    again = plan_rows(rows, stored, force=False)
+    assert (again.todo, again.unchanged) == ([], len(plan.todo))
+    edited = stored | {rows[0].id: "0" * 64}
+    assert [r.id for r in plan_rows(rows, edited, force=False).todo] == [rows[0].id]
+    assert len(plan_rows(rows, stored, force=True).todo) == len(plan.todo)
+
+
+def test_model_dims_are_remembered_beside_the_model_cache(tmp_path, settings_factory):
+    from batch_index.__main__ import remembered_dims
+    from deployments.core.encoders import model_dims
+
+    settings = settings_factory(tmp_path)
+    settings = settings.model_copy(update={"image_model": settings.image_model.model_copy(
+        update={"cache_dir": str(tmp_path / "cache")})})
+    expected = model_dims(settings.image_model, settings.text_model)
+    assert remembered_dims(settings) == expected == (1280, 384)
+    [saved] = (tmp_path / "cache").glob("dims-*.json")
+    assert json.loads(saved.read_text()) == list(expected)
+    saved.write_text("not json")  # a damaged file is computed again, not trusted
+    assert remembered_dims(settings) == expected
+
+
 # -- integration: the Ray Data job ----------------------------------------------------------
 @pytest.fixture
 def job_config(tmp_path, settings_factory) -> Path:
@@ -174,6 +233,89 @@ def test_partial_run_then_rerun_finishes_the_rest(ray_local, tmp_path, job_confi
     store = open_job_store(job_config)
     assert store.count() == 16
     store.close()
+
+
+def write_rows(path: Path, rows: list[dict[str, str]]) -> None:
+    """Rewrite a catalogue CSV (FIELDS columns)."""
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=FIELDS)
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def encoder_actors() -> int:
+    """How many encoder actors (image or text) this Ray instance has ever started. Ray's public
+    state API needs the dashboard, which the test instance runs without; the GCS table is the
+    same record."""
+    import ray
+
+    return sum("Embedder" in str(a.get("ActorClassName")) for a in ray._private.state.actors(
+    ).values())
+
+
+@pytest.mark.integration
+def test_rerun_embeds_only_changed_rows_and_nothing_when_none_changed(
+        ray_local, tmp_path, settings_factory, image_encoder, capsys):
+    settings = settings_factory(tmp_path, demo={"enabled": False},
+                                heads={"dir": str(tmp_path / "heads"), "min_products": 8,
+                                       "min_field_products": 8, "min_class_products": 2})
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump({"applications": [{
+        "name": "jobtest", "import_path": "serve_app.app:build_app",
+        "args": settings.model_dump(mode="json")}]}))
+    catalog, expected = make_catalog(tmp_path / "cat", n_good=12)
+    # A photo that exists but does not decode is never stored, so every run tries it again
+    # (and starts the encoders for it); leave those two out. The other bad rows stay: they are
+    # rejected before Ray Data (missing file) or by the CSV reader.
+    lines = [r for r in csv.DictReader(catalog.open())
+             if r["id"] not in ("text-photo", "cut-photo")]
+    expected = {k: v for k, v in expected.items() if k not in ("text-photo", "cut-photo")}
+    write_rows(catalog, lines)
+    images = catalog.parent / "images"
+    job = ("--catalog", str(catalog), "--images", str(images))
+    heads = heads_folder(settings.heads.dir, settings.milvus.collection)
+
+    def rerun() -> dict:
+        run_job(config, *job)
+        out = capsys.readouterr().out
+        return json.loads(out.split("summary ")[-1]) | {"fit_skipped": "heads unchanged" in out}
+
+    first = rerun()
+    assert (first["indexed"], first["rejected"], first["fit_skipped"]) == (12, len(expected),
+                                                                            False)
+    first_fit = current_version(heads)
+    assert first_fit
+
+    # One photo changes (mirrored), one other row changes a field: exactly those two re-embed.
+    lines = list(csv.DictReader(catalog.open()))
+    photo = images / lines[0]["image"]
+    with Image.open(photo) as image:
+        ImageOps.mirror(image.convert("RGB")).save(photo, "JPEG", quality=90)
+    lines[1]["title"] = "Renamed in the shop's catalogue"
+    write_rows(catalog, lines)
+    changed = rerun()
+    assert (changed["indexed"], changed["unchanged"], changed["rejected"]) == (2, 10,
+                                                                               len(expected))
+    assert not changed["fit_skipped"] and current_version(heads) != first_fit
+    store = open_job_store(config)
+    online = image_encoder.embed_bytes([photo.read_bytes()])[0]
+    assert np.abs(store.get_vectors(lines[0]["id"])["image"] - online).max() < 1e-5
+    assert store.get([lines[1]["id"]])[0].title == "Renamed in the shop's catalogue"
+    store.close()
+
+    # Nothing changed: every row recognised, no encoder actor started, no new fit.
+    actors, fit = encoder_actors(), current_version(heads)
+    assert actors > 0
+    same = rerun()
+    assert (same["indexed"], same["unchanged"], same["rejected"]) == (0, 12, len(expected))
+    assert encoder_actors() == actors
+    assert same["fit_skipped"] and current_version(heads) == fit
+
+    # --force still re-embeds every row, and fits again.
+    run_job(config, *job, "--force")
+    forced = json.loads(capsys.readouterr().out.split("summary ")[-1])
+    assert (forced["indexed"], forced["unchanged"]) == (12, 0)
+    assert current_version(heads) != fit
 
 
 @pytest.mark.integration

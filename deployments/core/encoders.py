@@ -18,7 +18,11 @@ import torch
 from PIL import Image
 
 from deployments.core.colour import colour_descriptor
-from deployments.core.images import decode_image, pad_to_square  # callers import these here too
+from deployments.core.images import (  # callers import these here too
+    ImagePreprocessor,
+    decode_image,
+    pad_to_square,  # noqa: F401
+)
 from deployments.core.settings import ImageModelSettings, TextModelSettings
 from deployments.core.versions import image_model_id, text_model_id
 
@@ -71,42 +75,6 @@ def build_image_model(settings: ImageModelSettings) -> torch.nn.Module:
         model.load_state_dict(state, strict=True)
     model.reset_classifier(0)  # forward() now returns pooled features
     return model.eval()
-
-
-class ImagePreprocessor:
-    """Photo -> model input, following the model's data config; needs no weights, so the batch
-    job runs it in plain parallel tasks and the encoder runs the very same code online."""
-
-    def __init__(self, input_size: tuple[int, int], mean, std) -> None:
-        self.input_size = tuple(input_size)
-        self.mean = np.asarray(mean, dtype=np.float32).reshape(1, 3, 1, 1)
-        self.std = np.asarray(std, dtype=np.float32).reshape(1, 3, 1, 1)
-
-    @classmethod
-    def for_model(cls, model: torch.nn.Module) -> ImagePreprocessor:
-        """From a timm model's resolved data config (input size, mean, std)."""
-        import timm.data
-
-        config = timm.data.resolve_data_config({}, model=model)
-        return cls(config["input_size"][1:], config["mean"], config["std"])
-
-    @classmethod
-    def for_settings(cls, settings: ImageModelSettings) -> ImagePreprocessor:
-        """For the configured model architecture (built without weights)."""
-        import timm
-
-        return cls.for_model(timm.create_model(settings.model_name, pretrained=False))
-
-    def model_pixels(self, image: Image.Image) -> np.ndarray:
-        """RGB image -> uint8 HWC array at the model's input size (whole image, padded)."""
-        square = pad_to_square(image.convert("RGB"))
-        size = (self.input_size[1], self.input_size[0])
-        return np.asarray(square.resize(size, Image.Resampling.BICUBIC), dtype=np.uint8)
-
-    def normalise(self, pixels: np.ndarray) -> np.ndarray:
-        """uint8 NHWC batch -> normalised float32 NCHW batch."""
-        arr = pixels.astype(np.float32).transpose(0, 3, 1, 2) / 255.0
-        return ((arr - self.mean) / self.std).astype(np.float32)
 
 
 @dataclass

@@ -11,6 +11,7 @@ pixels composited on white before anything else looks at the photo, 16- and 32-b
 from __future__ import annotations
 
 import io
+from typing import Any
 
 import numpy as np
 from PIL import Image, ImageCms, ImageOps
@@ -188,3 +189,40 @@ def _cmyk_to_rgb(image: Image.Image) -> Image.Image:
         except (ImageCms.PyCMSError, OSError, ValueError):
             pass
     return image.convert("RGB")
+
+
+class ImagePreprocessor:
+    """Photo -> model input, following the model's data config; needs no weights and no torch,
+    so the batch job runs it in plain parallel tasks (which then never import torch) and the
+    encoder runs the very same code online (deployments.core.encoders re-exports it)."""
+
+    def __init__(self, input_size: tuple[int, int], mean, std) -> None:
+        self.input_size = tuple(input_size)
+        self.mean = np.asarray(mean, dtype=np.float32).reshape(1, 3, 1, 1)
+        self.std = np.asarray(std, dtype=np.float32).reshape(1, 3, 1, 1)
+
+    @classmethod
+    def for_model(cls, model: Any) -> ImagePreprocessor:
+        """From a timm model's (torch.nn.Module) resolved data config (input size, mean, std)."""
+        import timm.data
+
+        config = timm.data.resolve_data_config({}, model=model)
+        return cls(config["input_size"][1:], config["mean"], config["std"])
+
+    @classmethod
+    def for_settings(cls, settings: Any) -> ImagePreprocessor:
+        """For the configured model architecture (ImageModelSettings; built without weights)."""
+        import timm
+
+        return cls.for_model(timm.create_model(settings.model_name, pretrained=False))
+
+    def model_pixels(self, image: Image.Image) -> np.ndarray:
+        """RGB image -> uint8 HWC array at the model's input size (whole image, padded)."""
+        square = pad_to_square(image.convert("RGB"))
+        size = (self.input_size[1], self.input_size[0])
+        return np.asarray(square.resize(size, Image.Resampling.BICUBIC), dtype=np.uint8)
+
+    def normalise(self, pixels: np.ndarray) -> np.ndarray:
+        """uint8 NHWC batch -> normalised float32 NCHW batch."""
+        arr = pixels.astype(np.float32).transpose(0, 3, 1, 2) / 255.0
+        return ((arr - self.mean) / self.std).astype(np.float32)

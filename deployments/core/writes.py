@@ -17,7 +17,13 @@ from deployments.core.store import ProductStore
 
 def stamp(product: Product, image: bytes) -> Product:
     """The product with its photo hash (SHA-256 of `image`) and content fingerprint filled in."""
-    stamped = product.model_copy(update={"image_hash": image_hash(image)})
+    return stamp_hash(product, image_hash(image))
+
+
+def stamp_hash(product: Product, photo_hash: str) -> Product:
+    """`stamp` for a photo whose `image_hash` is already known (64 hex chars): the bulk job
+    hashes each photo once, before deciding whether the row changed."""
+    stamped = product.model_copy(update={"image_hash": photo_hash})
     return stamped.model_copy(update={"fingerprint": stamped.content_fingerprint()})
 
 
