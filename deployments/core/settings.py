@@ -108,6 +108,9 @@ class MilvusSettings(BaseModel):
     consistency_level: Literal["Strong", "Bounded", "Session", "Eventually"] = "Bounded"
     timeout_s: float = Field(5.0, gt=0, description="connect and write timeout")
     read_timeout_s: float = Field(1.0, gt=0, description="search / query timeout: fail fast")
+    # Embedded Milvus Lite only: find the live rows of its immutable segments once per snapshot
+    # instead of in Python per row on every search (deployments.core.lite_search).
+    lite_search_cache: bool = True
 
     @property
     def is_lite(self) -> bool:
