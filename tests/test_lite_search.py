@@ -27,9 +27,10 @@ def _products(ids: range, tag: str = "") -> list[Product]:
 
 @pytest.fixture
 def store(tmp_path):
+    # FLAT: exact either way, so both paths must agree whenever Milvus Lite's background thread
+    # attaches a segment's index (an HNSW built between the two searches changes the answers).
     s = ProductStore(MilvusSettings(uri=str(tmp_path / "m.db"), collection="test",
-                                    index_type="HNSW", index_params={"M": 8,
-                                                                     "efConstruction": 64}))
+                                    index_type="FLAT", index_params={}))
     s.ensure_collection(IMAGE_DIM, TEXT_DIM)
     yield s
     lite_search.install()

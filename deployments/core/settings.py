@@ -100,8 +100,11 @@ class MilvusSettings(BaseModel):
     token: str = ""
     collection: str = "products"
     metric: Literal["COSINE", "IP", "L2"] = "COSINE"
-    index_type: str = "HNSW"
-    index_params: dict[str, Any] = Field(default_factory=lambda: {"M": 16, "efConstruction": 200})
+    # HNSW over 8-bit scalar-quantised vectors (benchmarks/RESULTS.md, "Scale of the embedded
+    # store"); Milvus Lite ignores sq_type (always 8-bit) and has no refine step.
+    index_type: str = "HNSW_SQ"
+    index_params: dict[str, Any] = Field(
+        default_factory=lambda: {"M": 16, "efConstruction": 200, "sq_type": "SQ8"})
     search_params: dict[str, Any] = Field(default_factory=lambda: {"ef": 128})
     num_shards: int = Field(1, ge=1)
     replica_number: int = Field(1, ge=1)
