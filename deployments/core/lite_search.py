@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import weakref
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -29,9 +30,11 @@ log = logging.getLogger(__name__)
 
 # Versions whose executor_indexed.execute_search_with_index this mirrors (read from 3.2.2).
 SUPPORTED_VERSIONS = ("3.2.",)
-_CACHE_SIZE = 4  # snapshots kept: the live one and a few being replaced by a flush/compaction
+# One snapshot per collection (keyed weakly by its memtable: a dropped collection's entry goes
+# with it) and partition scope, replaced at the first search after a change, so segments that a
+# compaction dropped are not kept alive.
 _lock = threading.Lock()
-_cache: list[_Snapshot] = []
+_cache: weakref.WeakKeyDictionary[Any, dict[tuple, _Snapshot]] = weakref.WeakKeyDictionary()
 _original: Callable | None = None
 
 
@@ -88,15 +91,18 @@ def _positions(keys: np.ndarray, wanted: list[Any]) -> tuple[np.ndarray, np.ndar
     return keys[pos] == query, pos
 
 
-def _snapshot(segments: tuple, tombstones: dict[Any, int]) -> _Snapshot:
+def _snapshot(memtable: Any, partitions: list[str] | None, segments: tuple,
+              tombstones: dict[Any, int]) -> _Snapshot:
+    """The live rows of one collection's segments in scope (`memtable` identifies the
+    collection), built again when its segments or tombstones changed."""
+    scope = tuple(sorted(partitions or ()))
     with _lock:
-        for entry in _cache:
-            if entry.matches(segments, tombstones):
-                return entry
+        found = _cache.get(memtable, {}).get(scope)
+    if found is not None and found.matches(segments, tombstones):
+        return found
     entry = _build(segments, tombstones)
     with _lock:
-        _cache.insert(0, entry)
-        del _cache[_CACHE_SIZE:]
+        _cache.setdefault(memtable, {})[scope] = entry
     return entry
 
 
@@ -160,7 +166,7 @@ def execute_search(
     newer = {pk: seq for pk, (seq, _) in mt_deletes.items()}
     for pk, seq in zip(mt_pks, mt_seqs.tolist(), strict=True):
         newer[pk] = max(int(seq), newer.get(pk, -1))
-    snap = _snapshot(scope, tombstones) if scope else None
+    snap = _snapshot(memtable, partition_names, scope, tombstones) if scope else None
     masks = _segment_masks(snap, newer) if snap is not None else []
 
     candidates: list[list[tuple[float, int, int]]] = [[] for _ in range(nq)]
