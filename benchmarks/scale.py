@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -94,7 +95,8 @@ def measure(size: int, image_seeds: np.ndarray, text_seeds: np.ndarray, queries:
     rng = np.random.default_rng(size)
     settings = load_settings()
     # A long read timeout: this measures latency; during an index build searches take seconds.
-    milvus = settings.milvus.model_copy(update={"uri": tempfile.mkdtemp() + "/scale.db",
+    work = tempfile.mkdtemp(prefix="scale-")
+    milvus = settings.milvus.model_copy(update={"uri": work + "/scale.db",
                                                 "read_timeout_s": 60, "timeout_s": 600,
                                                 "lite_search_cache": not engine_search})
     store = ProductStore(milvus)
@@ -132,6 +134,7 @@ def measure(size: int, image_seeds: np.ndarray, text_seeds: np.ndarray, queries:
     me = psutil.Process()  # Milvus Lite may run as a child process: count the whole tree
     rss = sum(p.memory_info().rss for p in [me, *me.children(recursive=True)]) / 2**20
     store.close()
+    shutil.rmtree(work, ignore_errors=True)
     return {"size": size, "insert_s": insert_s, "index_settle_s": settle_s,
             "p50_ms": float(np.percentile(latencies, 50)),
             "p99_ms": float(np.percentile(latencies, 99)),
