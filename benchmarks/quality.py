@@ -8,7 +8,7 @@ keyed by model and file list), then reports, for each method side by side:
       and both;
   (b) text queries built from attribute combinations ("black casual shoes for men") that exist at
       least `--min-support` times: share of the top 10 matching every named attribute;
-  (c) ANN recall@10 of the configured HNSW index against exact (FLAT) search, on a temporary
+  (c) ANN recall@10 of the configured index against exact (FLAT) search, on a temporary
       Milvus Lite collection through deployments.core.store.ProductStore.
 
     .venv/bin/python -m benchmarks.quality [--dataset DIR] [--skip-ann]
@@ -361,9 +361,9 @@ def _filled_store(settings, catalogue: Catalogue, vectors: dict):
 
 def ann_report(catalogue: Catalogue, vectors: dict, text_vectors: np.ndarray, n: int,
                seed: int, settle_s: float = 60.0) -> dict:
-    """Recall@10 of the configured index (HNSW) against FLAT on the same vectors, each in a
-    collection of a temporary Milvus Lite database filled through ProductStore.upsert. Photo
-    queries are catalogue photos (their own id dropped); text queries are (b)'s.
+    """Recall@10 of the configured index (HNSW_SQ by default) against FLAT on the same vectors,
+    each in a collection of a temporary Milvus Lite database filled through ProductStore.upsert.
+    Photo queries are catalogue photos (their own id dropped); text queries are (b)'s.
 
     Milvus swaps the exhaustively searched growing segments for the indexed sealed ones a few
     seconds after the flush, and says nothing when. So a deliberately weak HNSW (M=4, ef=10),

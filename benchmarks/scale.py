@@ -4,7 +4,11 @@ Vectors have the real dimensions and a realistic spread: real photo and text emb
 catalogue (fashion-dev when present, else the demo catalogue) are the seeds, and larger sets are
 made of seeds blended with a random other seed plus noise, then L2-normalised. Each size gets a
 fresh Milvus Lite store with the configured index (configs/config.yaml), filled through
-ProductStore.upsert; queries are held-out blends; recall@10 is against exact (numpy) search.
+ProductStore.upsert; queries are held-out blends; recall@10 is against exact (numpy) search,
+kept as a running top 10 per query while the batches are written, so the benchmark holds no
+copy of the catalogue. Memory is the RSS of the measuring process, which runs the embedded
+store: Python, numpy, pymilvus, the Milvus Lite engine (segments' columns, vector indexes,
+memtable) and the 7,036 seed vectors; no encoder models are loaded.
 
     .venv/bin/python -m benchmarks.scale --sizes 10000,100000[,300000]
 """
@@ -13,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -56,48 +61,84 @@ def blend(seeds: np.ndarray, n: int, rng: np.random.Generator, noise: float = 0.
     return out / np.linalg.norm(out, axis=1, keepdims=True)
 
 
+def engine_segments() -> tuple[int, int]:
+    """(segments, segments still without every vector index) of the embedded engine in this
+    process. Milvus Lite builds indexes in a background thread after each flush and compaction
+    and reports every row as indexed meanwhile, so this reads its internals (benchmark only)."""
+    from milvus_lite.server_manager import server_manager_instance
+
+    segments = waiting = 0
+    for _, db, _ in list(server_manager_instance._servers.values()):
+        for collection in list(db._collections.values()):
+            fields = [spec.field_name for spec in collection._index_specs.values()]
+            for segment in collection._segments_snapshot():
+                segments += 1
+                waiting += any(f not in segment.indexes for f in fields)
+    return segments, waiting
+
+
+def running_top(best: tuple[np.ndarray, np.ndarray], scores: np.ndarray, first: int,
+                k: int = 10) -> tuple[np.ndarray, np.ndarray]:
+    """Merge a batch's scores ((q, n) float32, rows first..first+n) into the best k so far
+    ((q, k) scores, (q, k) int64 row numbers), highest first."""
+    ids = np.broadcast_to(np.arange(first, first + scores.shape[1]), scores.shape)
+    all_scores = np.concatenate([best[0], scores], axis=1)
+    all_ids = np.concatenate([best[1], ids], axis=1)
+    top = np.argsort(-all_scores, axis=1, kind="stable")[:, :k]
+    return np.take_along_axis(all_scores, top, 1), np.take_along_axis(all_ids, top, 1)
+
+
 def measure(size: int, image_seeds: np.ndarray, text_seeds: np.ndarray, queries: int,
-            batch: int = 5000) -> dict:
-    """Fill a fresh store with `size` products and measure search latency and recall."""
+            batch: int = 5000, engine_search: bool = False) -> dict:
+    """Fill a fresh store with `size` products and measure search latency and recall
+    (`engine_search`: Milvus Lite's own per-row search path, for comparison)."""
     rng = np.random.default_rng(size)
     settings = load_settings()
     # A long read timeout: this measures latency; during an index build searches take seconds.
-    milvus = settings.milvus.model_copy(update={"uri": tempfile.mkdtemp() + "/scale.db",
-                                                "read_timeout_s": 60, "timeout_s": 600})
+    work = tempfile.mkdtemp(prefix="scale-")
+    milvus = settings.milvus.model_copy(update={"uri": work + "/scale.db",
+                                                "read_timeout_s": 60, "timeout_s": 600,
+                                                "lite_search_cache": not engine_search})
     store = ProductStore(milvus)
     store.ensure_collection(image_seeds.shape[1], text_seeds.shape[1])
-    image = np.empty((size, image_seeds.shape[1]), np.float32)
+    probe = blend(image_seeds, queries, np.random.default_rng(size + 1))
+    exact = (np.full((queries, 10), -np.inf, np.float32), np.zeros((queries, 10), np.int64))
     start = time.perf_counter()
     for lo in range(0, size, batch):
         n = min(batch, size - lo)
-        image[lo:lo + n] = blend(image_seeds, n, rng)
+        image = blend(image_seeds, n, rng)
+        exact = running_top(exact, probe @ image.T, lo)
         products = [Product(id=f"p{lo + i}", title=f"Product {lo + i}") for i in range(n)]
-        store.upsert(products, image[lo:lo + n], blend(text_seeds, n, rng))
+        store.upsert(products, image, blend(text_seeds, n, rng))
+    del image
     store.flush()
     insert_s = time.perf_counter() - start
-    probe = blend(image_seeds, queries, np.random.default_rng(size + 1))
     start = time.perf_counter()
-    while time.perf_counter() - start < 900:  # wait for the background index build to settle
+    seen = None
+    while time.perf_counter() - start < 1800:  # until every segment is indexed and stays so
         t = time.perf_counter()
         store.search(probe[0], "image", 10)
-        if time.perf_counter() - t < 0.2:
+        state = engine_segments()
+        if time.perf_counter() - t < 0.2 and state == seen and state[1] == 0:
             break
-        time.sleep(2)
+        seen = state
+        time.sleep(5)
     settle_s = time.perf_counter() - start
     latencies, recalls = [], []
-    for q in probe:
+    for q, truth in zip(probe, exact[1], strict=True):
         t = time.perf_counter()
         hits = store.search(q, "image", 10)
         latencies.append((time.perf_counter() - t) * 1000)
-        exact = set(np.argpartition(-(image @ q), 10)[:10])
-        recalls.append(len({int(h.product.id[1:]) for h in hits} & exact) / 10)
+        recalls.append(len({int(h.product.id[1:]) for h in hits} & set(truth.tolist())) / 10)
+    segments = engine_segments()[0]
     me = psutil.Process()  # Milvus Lite may run as a child process: count the whole tree
     rss = sum(p.memory_info().rss for p in [me, *me.children(recursive=True)]) / 2**20
     store.close()
+    shutil.rmtree(work, ignore_errors=True)
     return {"size": size, "insert_s": insert_s, "index_settle_s": settle_s,
             "p50_ms": float(np.percentile(latencies, 50)),
             "p99_ms": float(np.percentile(latencies, 99)),
-            "recall_at_10": float(np.mean(recalls)), "process_rss_mb": rss}
+            "recall_at_10": float(np.mean(recalls)), "process_rss_mb": rss, "segments": segments}
 
 
 def main() -> None:
@@ -106,33 +147,50 @@ def main() -> None:
                         type=lambda s: [int(x) for x in s.split(",")])
     parser.add_argument("--seeds", type=int, default=7036, help="real products embedded")
     parser.add_argument("--queries", type=int, default=200)
+    parser.add_argument("--engine-search", action="store_true",
+                        help="Milvus Lite's own per-row search path (lite_search_cache off)")
+    parser.add_argument("--json", type=Path, default=OUT / "scale.json")
     parser.add_argument("--one", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     image_seeds, text_seeds = seed_vectors(args.seeds)
     if args.one:  # a child process: Milvus Lite cannot reopen a store after closing one
-        print("RESULT " + json.dumps(measure(args.one, image_seeds, text_seeds, args.queries)))
+        print("RESULT " + json.dumps(measure(args.one, image_seeds, text_seeds, args.queries,
+                                             engine_search=args.engine_search)))
         return
-    settings = load_settings()
-    print(f"seeds: {len(image_seeds)} real products; index {settings.milvus.index_type} "
-          f"{settings.milvus.index_params} search {settings.milvus.search_params}")
+    milvus = load_settings().milvus
+    config = {"index_type": milvus.index_type, "index_params": milvus.index_params,
+              "search_params": milvus.search_params,
+              "lite_search_cache": milvus.lite_search_cache and not args.engine_search}
+    print(f"seeds: {len(image_seeds)} real products; {config}")
     results = []
     for size in args.sizes:
-        out = subprocess.run([sys.executable, "-m", "benchmarks.scale", "--one", str(size),
-                              "--seeds", str(args.seeds), "--queries", str(args.queries)],
+        command = [sys.executable, "-m", "benchmarks.scale", "--one", str(size),
+                   "--seeds", str(args.seeds), "--queries", str(args.queries)]
+        out = subprocess.run(command + (["--engine-search"] if args.engine_search else []),
                              capture_output=True, text=True, check=True).stdout
         results.append(json.loads(out.split("RESULT ")[-1]))
         r = results[-1]
         print(f"{r['size']:>8} vectors: insert {r['insert_s']:.0f} s, index settle "
               f"{r['index_settle_s']:.0f} s, search p50 {r['p50_ms']:.1f} ms p99 "
               f"{r['p99_ms']:.1f} ms, recall@10 {r['recall_at_10']:.3f}, RSS "
-              f"{r['process_rss_mb']:.0f} MB", flush=True)
+              f"{r['process_rss_mb']:.0f} MB, {r['segments']} segments", flush=True)
+    growth = []
     for small, big in zip(results, results[1:], strict=False):
-        grow = big["size"] / small["size"]
-        print(f"x{grow:.0f} vectors: p50 x{big['p50_ms'] / small['p50_ms']:.2f}, insert "
-              f"x{big['insert_s'] / small['insert_s']:.1f}")
-    OUT.mkdir(exist_ok=True)
-    (OUT / "scale.json").write_text(json.dumps({"date": time.strftime("%Y-%m-%d %H:%M"),
-                                                 "results": results}, indent=2))
+        added = big["size"] - small["size"]
+        growth.append({"from": small["size"], "to": big["size"],
+                       "p50_ratio": big["p50_ms"] / small["p50_ms"],
+                       "rss_mb_per_100k": (big["process_rss_mb"] - small["process_rss_mb"])
+                       / added * 100_000})
+        g = growth[-1]
+        print(f"x{big['size'] / small['size']:.0f} vectors: p50 x{g['p50_ratio']:.2f}, insert "
+              f"x{big['insert_s'] / small['insert_s']:.1f}, memory "
+              f"{g['rss_mb_per_100k'] / 1024:.2f} GB per 100k added products")
+    if len(results) > 2:
+        first, last = results[0], results[-1]
+        print(f"{first['size']} -> {last['size']}: p50 x{last['p50_ms'] / first['p50_ms']:.2f}")
+    args.json.parent.mkdir(exist_ok=True)
+    args.json.write_text(json.dumps({"date": time.strftime("%Y-%m-%d %H:%M"), "config": config,
+                                     "results": results, "growth": growth}, indent=2))
 
 
 if __name__ == "__main__":

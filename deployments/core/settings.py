@@ -100,14 +100,20 @@ class MilvusSettings(BaseModel):
     token: str = ""
     collection: str = "products"
     metric: Literal["COSINE", "IP", "L2"] = "COSINE"
-    index_type: str = "HNSW"
-    index_params: dict[str, Any] = Field(default_factory=lambda: {"M": 16, "efConstruction": 200})
+    # HNSW over 8-bit scalar-quantised vectors (benchmarks/RESULTS.md, "Scale of the embedded
+    # store"); Milvus Lite ignores sq_type (always 8-bit) and has no refine step.
+    index_type: str = "HNSW_SQ"
+    index_params: dict[str, Any] = Field(
+        default_factory=lambda: {"M": 16, "efConstruction": 200, "sq_type": "SQ8"})
     search_params: dict[str, Any] = Field(default_factory=lambda: {"ef": 128})
     num_shards: int = Field(1, ge=1)
     replica_number: int = Field(1, ge=1)
     consistency_level: Literal["Strong", "Bounded", "Session", "Eventually"] = "Bounded"
     timeout_s: float = Field(5.0, gt=0, description="connect and write timeout")
     read_timeout_s: float = Field(1.0, gt=0, description="search / query timeout: fail fast")
+    # Embedded Milvus Lite only: find the live rows of its immutable segments once per snapshot
+    # instead of in Python per row on every search (deployments.core.lite_search).
+    lite_search_cache: bool = True
 
     @property
     def is_lite(self) -> bool:

@@ -31,6 +31,7 @@ from pymilvus import (
     WeightedRanker,
 )
 
+from deployments.core import lite_search
 from deployments.core.colour import COLOUR_DIMS
 from deployments.core.errors import BackendUnavailable, IncompatibleStore, InvalidInput
 from deployments.core.filters import Filters
@@ -192,6 +193,8 @@ class ProductStore:
         uri = self.settings.uri
         if self.settings.is_lite:
             Path(uri).parent.mkdir(parents=True, exist_ok=True)
+            if self.settings.lite_search_cache:
+                lite_search.install()
         # Reconnect quickly once a restarted server is back (gRPC's default backoff grows to
         # many seconds during an outage, which delays recovery by as much).
         fast_reconnect = {"grpc.initial_reconnect_backoff_ms": 200,

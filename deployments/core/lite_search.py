@@ -1,0 +1,275 @@
+"""Embedded Milvus Lite search without a Python pass over every stored row.
+
+Milvus Lite 3.2 (pure Python) answers each dense search by walking every stored row twice in
+Python, whatever the index: once to find each primary key's newest version, once to check every
+row against it and the tombstones (`milvus_lite.search.executor_indexed`). That work grows with
+the catalogue: at 20k products it was 95% of a search's time, the HNSW search itself 1-2 ms
+(benchmarks/RESULTS.md, "Scale of the embedded store"). Segments are immutable, so which of their
+rows are live changes only when a flush, compaction or delete changes the snapshot: this module
+computes that once per snapshot with numpy and reuses it, and per search only looks at the rows
+still in memory (the memtable, at most one flush's worth). Results are the engine's own: the
+same indexes, masks, merge and projection (tests/test_lite_search.py compares them).
+
+`install()` swaps the engine's function for `execute_search` when the installed Milvus Lite is a
+version this was written against, else leaves the engine alone. Only the embedded engine in this
+process is affected; a Milvus server searches its own way.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import weakref
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+# Versions whose executor_indexed.execute_search_with_index this mirrors (read from 3.2.2).
+SUPPORTED_VERSIONS = ("3.2.",)
+# One snapshot per collection (keyed weakly by its memtable: a dropped collection's entry goes
+# with it) and partition scope, replaced at the first search after a change, so segments that a
+# compaction dropped are not kept alive.
+_lock = threading.Lock()
+_cache: weakref.WeakKeyDictionary[Any, dict[tuple, _Snapshot]] = weakref.WeakKeyDictionary()
+_original: Callable | None = None
+
+
+@dataclass
+class _Snapshot:
+    """Which rows of a set of immutable segments are live: the newest version of their key
+    and not deleted by a tombstone. Holds the segments, so their ids cannot be reused."""
+
+    segments: tuple
+    tombstones: dict[Any, int]
+    keys: np.ndarray  # (u,) sorted distinct primary keys
+    seqs: np.ndarray  # (n,) int64 write sequence of every row, segments concatenated
+    newest: np.ndarray  # (u,) int64 newest sequence per key among the segments
+    newest_row: np.ndarray  # (u,) int64 row (in the concatenation) holding the newest version
+    offsets: np.ndarray  # (len(segments) + 1,) int64 first row of each segment
+    live: list[np.ndarray]  # per segment, (rows,) bool
+
+    def matches(self, segments: Sequence, tombstones: dict[Any, int]) -> bool:
+        return (len(segments) == len(self.segments)
+                and all(a is b for a, b in zip(segments, self.segments, strict=True))
+                and tombstones == self.tombstones)
+
+
+def _build(segments: tuple, tombstones: dict[Any, int]) -> _Snapshot:
+    """Live rows of `segments` (O(rows) numpy work, once per snapshot)."""
+    sizes = [s.num_rows for s in segments]
+    offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+    all_keys = np.concatenate([np.asarray(s.pks) for s in segments])
+    seqs = np.concatenate([np.asarray(s.seqs, dtype=np.int64) for s in segments])
+    keys, inverse = np.unique(all_keys, return_inverse=True)
+    inverse = inverse.reshape(-1)
+    newest = np.full(len(keys), -1, dtype=np.int64)
+    np.maximum.at(newest, inverse, seqs)
+    is_newest = seqs == newest[inverse]
+    newest_row = np.zeros(len(keys), dtype=np.int64)
+    newest_row[inverse[is_newest]] = np.flatnonzero(is_newest)
+    live = is_newest
+    if tombstones:
+        found, pos = _positions(keys, list(tombstones))
+        deleted_at = np.full(len(keys), -1, dtype=np.int64)
+        np.maximum.at(deleted_at, pos[found],
+                      np.asarray(list(tombstones.values()), dtype=np.int64)[found])
+        live = live & ~(deleted_at[inverse] > seqs)
+    return _Snapshot(segments, dict(tombstones), keys, seqs, newest, newest_row, offsets,
+                     [live[offsets[i]:offsets[i + 1]] for i in range(len(segments))])
+
+
+def _positions(keys: np.ndarray, wanted: list[Any]) -> tuple[np.ndarray, np.ndarray]:
+    """For each wanted key: whether it is in sorted `keys`, and its position there."""
+    if not len(keys) or not wanted:
+        return np.zeros(len(wanted), dtype=bool), np.zeros(len(wanted), dtype=np.int64)
+    query = np.asarray(wanted)
+    pos = np.minimum(np.searchsorted(keys, query), len(keys) - 1)
+    return keys[pos] == query, pos
+
+
+def _snapshot(memtable: Any, partitions: list[str] | None, segments: tuple,
+              tombstones: dict[Any, int]) -> _Snapshot:
+    """The live rows of one collection's segments in scope (`memtable` identifies the
+    collection), built again when its segments or tombstones changed."""
+    scope = tuple(sorted(partitions or ()))
+    with _lock:
+        found = _cache.get(memtable, {}).get(scope)
+    if found is not None and found.matches(segments, tombstones):
+        return found
+    entry = _build(segments, tombstones)
+    with _lock:
+        _cache.setdefault(memtable, {})[scope] = entry
+    return entry
+
+
+def _segment_masks(snap: _Snapshot, newer: dict[Any, int]) -> list[np.ndarray]:
+    """The snapshot's live masks less the rows that `newer` (key -> sequence of a write or
+    delete still in memory) supersedes. Copies only the segments it changes."""
+    masks = list(snap.live)
+    found, pos = _positions(snap.keys, list(newer))
+    if not found.any():
+        return masks
+    later = np.asarray(list(newer.values()), dtype=np.int64)[found]
+    rows = snap.newest_row[pos[found]]
+    rows = rows[later > snap.seqs[rows]]
+    for seg in np.unique(np.searchsorted(snap.offsets, rows, side="right") - 1):
+        local = rows[(rows >= snap.offsets[seg]) & (rows < snap.offsets[seg + 1])]
+        masks[seg] = masks[seg].copy()
+        masks[seg][local - snap.offsets[seg]] = False
+    return masks
+
+
+def execute_search(
+    query_vectors: np.ndarray,
+    segments: Iterable,
+    memtable: Any,
+    delta_index: Any,
+    top_k: int,
+    metric_type: str,
+    pk_field: str,
+    vector_field: str,
+    partition_names: list[str] | None = None,
+    compiled_filter: Any = None,
+    output_fields: list[str] | None = None,
+    indexed_filter_plan: Any = None,
+    project_record_fn: Callable[[dict], dict] | None = None,
+    search_params: dict[str, Any] | None = None,
+) -> list[list[dict]]:
+    """`milvus_lite.search.executor_indexed.execute_search_with_index` (same arguments and
+    results: nq lists of up to top_k `{"id", "distance", "entity"}`, ascending distance), with
+    the segments' live rows taken from a per-snapshot cache instead of a Python pass per row."""
+    from milvus_lite.index.brute_force import BruteForceIndex
+
+    if query_vectors.ndim == 1:
+        query_vectors = query_vectors.reshape(1, -1)
+    query_vectors = query_vectors.astype(np.float32, copy=False)
+    nq = int(query_vectors.shape[0])
+    if nq == 0 or top_k <= 0:
+        return [[] for _ in range(nq)]
+    wanted = set(partition_names) if partition_names else None
+    scope = tuple(s for s in segments
+                  if s.num_rows > 0 and (wanted is None or s.partition in wanted))
+    mt_pks, mt_seqs, mt_vecs, mt_row_refs, mt_table = memtable.to_search_snapshot(
+        vector_field=vector_field, partition_names=partition_names,
+        include_table=compiled_filter is not None)
+    if not scope and not mt_pks:
+        return [[] for _ in range(nq)]
+
+    mt_deletes = memtable.delete_index_snapshot()  # {pk: (seq, partition)}, not yet flushed
+    tombstones = getattr(delta_index, "_map", None)
+    if tombstones is None:
+        tombstones = delta_index.snapshot
+    newer = {pk: seq for pk, (seq, _) in mt_deletes.items()}
+    for pk, seq in zip(mt_pks, mt_seqs.tolist(), strict=True):
+        newer[pk] = max(int(seq), newer.get(pk, -1))
+    snap = _snapshot(memtable, partition_names, scope, tombstones) if scope else None
+    masks = _segment_masks(snap, newer) if snap is not None else []
+
+    candidates: list[list[tuple[float, int, int]]] = [[] for _ in range(nq)]
+
+    def recall(source: int, vectors: np.ndarray, mask: np.ndarray, index: Any) -> None:
+        if not mask.any():
+            return
+        if index is None:
+            index = BruteForceIndex.build(vectors, metric_type)
+        ids, dists = index.search(query_vectors, top_k, valid_mask=None if mask.all() else mask,
+                                  params=search_params)
+        for q in range(nq):
+            for j in range(top_k):
+                local = int(ids[q, j])
+                if local < 0:
+                    break
+                candidates[q].append((float(dists[q, j]), source, local))
+
+    if compiled_filter is not None:
+        from milvus_lite.search.filter import evaluate_mask
+        from milvus_lite.search.indexed_filter import evaluate_segment_filter
+    for i, seg in enumerate(scope):
+        vectors, valid_vectors = seg.vector_data(vector_field)
+        mask = masks[i]
+        if compiled_filter is not None:
+            mask = mask & evaluate_segment_filter(seg, compiled_filter,
+                                                  indexed_filter_plan).astype(bool)
+        if valid_vectors is not None:
+            mask = mask & valid_vectors
+        recall(i, vectors, mask, seg.indexes.get(vector_field))
+    if mt_pks:
+        mt_mask = _memtable_mask(mt_pks, mt_seqs, snap, tombstones, mt_deletes)
+        if compiled_filter is not None and mt_table is not None:
+            mt_mask &= evaluate_mask(compiled_filter, mt_table).astype(bool)
+        recall(len(scope), mt_vecs, mt_mask, None)
+
+    project = project_record_fn or _projection(output_fields, pk_field, vector_field)
+    results = []
+    for q in range(nq):
+        row: list[dict] = []
+        for dist, source, local in sorted(candidates[q])[:top_k]:
+            if source < len(scope):
+                record, pk = scope[source].row_to_dict(local), scope[source].pks[local]
+            else:
+                record, pk = memtable.materialize_row(*mt_row_refs[local]), mt_pks[local]
+            row.append({"id": record.get(pk_field, pk), "distance": dist,
+                        "entity": project(record)})
+        results.append(row)
+    return results
+
+
+def _memtable_mask(pks: list[Any], seqs: np.ndarray, snap: _Snapshot | None,
+                   tombstones: dict[Any, int], deletes: dict[Any, tuple]) -> np.ndarray:
+    """Live rows of the memtable (bounded by one flush's worth): not older than the same key
+    in a segment, not deleted by a tombstone or an unflushed delete."""
+    older_than: dict[Any, int] = {}
+    if snap is not None:
+        found, pos = _positions(snap.keys, list(pks))
+        older_than = {pk: int(snap.newest[p]) for pk, f, p in zip(pks, found, pos, strict=True)
+                      if f}
+    mask = np.zeros(len(pks), dtype=bool)
+    for i, (pk, seq) in enumerate(zip(pks, seqs.tolist(), strict=True)):
+        deleted = deletes.get(pk)
+        mask[i] = (older_than.get(pk, -1) <= seq and tombstones.get(pk, -1) <= seq
+                   and (deleted is None or deleted[0] <= seq))
+    return mask
+
+
+def _projection(output_fields: list[str] | None, pk_field: str,
+                vector_field: str) -> Callable[[dict], dict]:
+    """The engine's default entity projection (when no project_record_fn is given)."""
+    if output_fields is None:
+        return lambda r: {k: v for k, v in r.items() if k not in (pk_field, vector_field)}
+    keep = set(output_fields) - {pk_field}
+    return lambda r: {k: r[k] for k in keep if k in r}
+
+
+def install() -> bool:
+    """Route embedded Milvus Lite searches in this process through `execute_search`; returns
+    whether it did (False, engine unchanged, for a Milvus Lite version not in
+    SUPPORTED_VERSIONS or none installed). Idempotent."""
+    global _original
+    try:
+        import milvus_lite
+        from milvus_lite.engine import collection
+    except ImportError:
+        return False
+    version = getattr(milvus_lite, "__version__", "")
+    if not version.startswith(SUPPORTED_VERSIONS):
+        log.warning("Milvus Lite %s: keeping its own search path (per-row; slower at scale)",
+                    version)
+        return False
+    if collection.execute_search_with_index is not execute_search:
+        _original = collection.execute_search_with_index
+        collection.execute_search_with_index = execute_search
+    return True
+
+
+def uninstall() -> None:
+    """Give Milvus Lite its own search path back (for comparisons)."""
+    from milvus_lite.engine import collection
+
+    if _original is not None:
+        collection.execute_search_with_index = _original
+    with _lock:
+        _cache.clear()

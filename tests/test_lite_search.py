@@ -1,0 +1,107 @@
+"""The cached Milvus Lite search path (deployments.core.lite_search) answers exactly as the
+engine's own: same hits, same order, same scores, through upserts, deletes, flushes and filters."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from deployments.core import lite_search
+from deployments.core.filters import Filters
+from deployments.core.products import Product
+from deployments.core.settings import MilvusSettings
+from deployments.core.store import ProductStore, filter_expression
+
+IMAGE_DIM, TEXT_DIM = 16, 8
+
+
+def _vectors(n: int, dim: int, seed: int) -> np.ndarray:
+    v = np.random.default_rng(seed).normal(size=(n, dim)).astype(np.float32)
+    return v / np.linalg.norm(v, axis=1, keepdims=True)
+
+
+def _products(ids: range, tag: str = "") -> list[Product]:
+    return [Product(id=f"p{i}", title=f"Product {i}{tag}", article_type=("Shirt", "Shoe")[i % 2])
+            for i in ids]
+
+
+@pytest.fixture
+def store(tmp_path):
+    # FLAT: exact either way, so both paths must agree whenever Milvus Lite's background thread
+    # attaches a segment's index (an HNSW built between the two searches changes the answers).
+    s = ProductStore(MilvusSettings(uri=str(tmp_path / "m.db"), collection="test",
+                                    index_type="FLAT", index_params={}))
+    s.ensure_collection(IMAGE_DIM, TEXT_DIM)
+    yield s
+    lite_search.install()
+    s.close()
+
+
+def _answers(store: ProductStore, queries: np.ndarray, **kwargs) -> list:
+    return [[(h.product.id, h.product.title, round(h.score, 6))
+             for h in store.search(q, "image", 12, **kwargs)] for q in queries]
+
+
+def _both(store: ProductStore, queries: np.ndarray, **kwargs) -> list:
+    """Answers of the cached path, after checking the engine's own path gives the same."""
+    from milvus_lite.engine import collection
+
+    assert lite_search.install()
+    assert collection.execute_search_with_index is lite_search.execute_search
+    cached = _answers(store, queries, **kwargs)
+    lite_search.uninstall()
+    engine = _answers(store, queries, **kwargs)
+    lite_search.install()
+    assert cached == engine
+    return cached
+
+
+def test_same_answers_through_upserts_deletes_and_flushes(store):
+    queries = _vectors(15, IMAGE_DIM, 99)
+    store.upsert(_products(range(300)), _vectors(300, IMAGE_DIM, 1), _vectors(300, TEXT_DIM, 2))
+    store.flush()  # segment 1
+    _both(store, queries)
+    # Segment 2 replaces 50 products of segment 1 (new titles, new vectors).
+    moved = _vectors(200, IMAGE_DIM, 3)
+    store.upsert(_products(range(250, 450), " v2"), moved, _vectors(200, TEXT_DIM, 4))
+    store.flush()
+    store.delete([f"p{i}" for i in range(0, 20)])  # deleted after the flush
+    store.flush()
+    # Unflushed: new versions of products in both segments, and deletes of flushed ones.
+    recent = _vectors(30, IMAGE_DIM, 5)
+    store.upsert(_products(range(280, 310), " v3"), recent, _vectors(30, TEXT_DIM, 6))
+    store.delete([f"p{i}" for i in range(20, 30)] + ["p400"])
+    answers = _both(store, np.vstack([queries, moved[:5], recent[:5]]))
+    found = [pid for row in answers for pid, _, _ in row]
+    gone = {f"p{i}" for i in range(30)} | {"p400"}
+    assert not gone & set(found), "a deleted product came back"
+    for row in answers:
+        assert len({pid for pid, _, _ in row}) == len(row), "a product listed twice"
+    titles = {pid: title for row in answers for pid, title, _ in row}
+    assert all(titles[f"p{i}"].endswith(" v3") for i in range(280, 310) if f"p{i}" in titles)
+    # Each of the newest vectors finds its own product first.
+    assert [row[0][0] for row in answers[-5:]] == [f"p{i}" for i in range(280, 285)]
+    assert [row[0][0] for row in answers[-10:-5]] == [f"p{i}" for i in range(250, 255)]
+
+
+def test_same_answers_with_filters_and_exclusions(store):
+    store.upsert(_products(range(200)), _vectors(200, IMAGE_DIM, 1), _vectors(200, TEXT_DIM, 2))
+    store.flush()
+    store.upsert(_products(range(150, 220), " v2"), _vectors(70, IMAGE_DIM, 3),
+                 _vectors(70, TEXT_DIM, 4))
+    queries = _vectors(10, IMAGE_DIM, 7)
+    shirts = filter_expression(Filters(article_type=["Shirt"]))
+    answers = _both(store, queries, filter=shirts, exclude_ids=["p150", "p152"])
+    ids = [int(pid[1:]) for row in answers for pid, _, _ in row]
+    assert ids and all(i % 2 == 0 for i in ids) and not {150, 152} & set(ids)
+
+
+def test_cache_follows_a_flush(store):
+    """A cached snapshot is not reused once a flush changes the segments."""
+    store.upsert(_products(range(100)), _vectors(100, IMAGE_DIM, 1), _vectors(100, TEXT_DIM, 2))
+    store.flush()
+    query = _vectors(1, IMAGE_DIM, 8)
+    first = _both(store, query)[0][0][0]
+    store.delete([first])
+    store.flush()
+    assert first not in [pid for pid, _, _ in _both(store, query)[0]]
