@@ -29,7 +29,7 @@ import numpy as np
 log = logging.getLogger(__name__)
 
 # Versions whose executor_indexed.execute_search_with_index this mirrors (read from 3.2.2).
-SUPPORTED_VERSIONS = ("3.2.",)
+SUPPORTED_VERSIONS = ("3.2.2",)  # exactly the engine this mirrors; any other keeps its own
 # One snapshot per collection (keyed weakly by its memtable: a dropped collection's entry goes
 # with it) and partition scope, replaced at the first search after a change, so segments that a
 # compaction dropped are not kept alive.
