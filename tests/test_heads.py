@@ -216,6 +216,11 @@ def test_colour_neighbours_vote_beside_the_head_when_the_held_out_split_says_so(
     heads.save(tmp_path)
     loaded = load_heads(tmp_path, IDS[0], IDS[1], 32, 8)
     assert loaded.predict(image[300:], colour[300:]) == predicted
+    # A photo without colour information (zero descriptor) gets the head alone, no vote.
+    blind = heads.probabilities(image[:2], np.zeros((2, 54), np.float32))["colour"]
+    heads.attributes["colour"].share = 0.0
+    alone = heads.probabilities(image[:2], np.zeros((2, 54), np.float32))["colour"]
+    np.testing.assert_allclose(blind, alone)
 
 
 def test_neighbour_votes_sum_to_one_over_the_k_nearest():
@@ -224,6 +229,7 @@ def test_neighbour_votes_sum_to_one_over_the_k_nearest():
                               temperature=0.05)
     assert votes.shape == (1, 5) and abs(votes.sum() - 1) < 1e-5
     assert (votes > 0).sum() == 3 and votes[0, 0] > 0.45 and votes[0, 1] > 0.45
+    assert not neighbour_weights(np.zeros((1, 3), np.float32), neighbours, 3, 0.05).any()
     shares = label_votes(votes, np.array([0, 0, 1, -1, 1]), 2)
     assert shares[0, 0] > 0.99
     assert np.allclose(label_votes(np.zeros((1, 5)), np.zeros(5, int), 4), 0.25)

@@ -94,8 +94,9 @@ class AttributeHead:
         p = np.exp(logits)
         p /= p.sum(axis=1, keepdims=True)
         if self.share > 0 and votes is not None and self.neighbour_labels is not None:
-            p = (1 - self.share) * p + self.share * label_votes(votes, self.neighbour_labels,
-                                                                len(self.labels))
+            voted = votes.sum(axis=1) > 0  # a photo without colour (zero descriptor): no vote
+            p[voted] = ((1 - self.share) * p[voted] + self.share * label_votes(
+                votes[voted], self.neighbour_labels, len(self.labels)))
         return p
 
 
@@ -452,7 +453,8 @@ def neighbour_weights(queries: np.ndarray, neighbours: np.ndarray, k: int,
                       temperature: float) -> np.ndarray:
     """(n, m) vote weights of m neighbours for n queries by colour descriptor ((n, d) and
     (m, d), unit length): the k most similar get exp((sim - best) / temperature), the rest 0;
-    each row sums to 1 (all zero without neighbours)."""
+    each row sums to 1 (all zero without neighbours, and for an all-zero query: a photo
+    without colour information)."""
     if not len(neighbours) or not len(queries):
         return np.zeros((len(queries), len(neighbours)), np.float32)
     sims = queries @ neighbours.T
@@ -462,6 +464,7 @@ def neighbour_weights(queries: np.ndarray, neighbours: np.ndarray, k: int,
     weights = np.exp((near - near.max(axis=1, keepdims=True)) / temperature)
     votes = np.zeros_like(sims)
     np.put_along_axis(votes, top, weights / weights.sum(axis=1, keepdims=True), axis=1)
+    votes[~np.any(queries, axis=1)] = 0.0
     return votes.astype(np.float32)
 
 
