@@ -39,14 +39,18 @@ def has_text(data: dict[str, Any]) -> np.ndarray:
 
 
 def fit_data(data: dict[str, Any], settings: AppSettings) -> Heads:
-    """Fit heads on stored vectors and labels (a `ProductStore.vectors_and_labels` dict)."""
+    """Fit heads on stored vectors and labels (a `ProductStore.vectors_and_labels` dict); the
+    configured text encoder embeds the label sentences the alignment also learns from."""
+    from deployments.core.encoders import TextEncoder
+
     if not len(data["ids"]):
         raise SystemExit("the collection is empty: index a catalogue first")
     labels = {name: data["labels"][name] for name in settings.heads.fields
               if name in data["labels"]}
+    encoder = TextEncoder(settings.text_model, num_threads=settings.heads.threads)
     return fit_heads(data["image"], data["text"], data["colour"], labels, has_text(data),
                      *model_ids(settings.image_model, settings.text_model),
-                     fit_options(settings.heads))
+                     fit_options(settings.heads), encoder.embed)
 
 
 def run_fit(settings: AppSettings, search_handle=None, store=None) -> Heads | None:

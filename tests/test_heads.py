@@ -21,10 +21,18 @@ from deployments.core.heads import (
     IncompatibleHeads,
     current_version,
     fit_heads,
+    label_votes,
     load_heads,
+    neighbour_weights,
 )
 from deployments.core.images import decode_image
-from deployments.core.learned import fuse, mix_attributes, photo_query, with_known_labels
+from deployments.core.learned import (
+    fuse,
+    mix_attributes,
+    photo_query,
+    with_known_labels,
+    words_photo_scores,
+)
 from deployments.core.products import Product
 from deployments.core.store import Hit
 
@@ -140,3 +148,88 @@ def test_more_like_this_uses_the_products_own_labels():
     assert with_known_labels(predicted, product) == {"article_type": {"Tshirts": 1.0},
                                                      "colour": {"Red": 0.9}}
     assert with_known_labels(predicted, None) == predicted
+
+
+@pytest.fixture(scope="module")
+def heads_with_words(demo, text_encoder) -> Heads:
+    """Heads fitted as `batch_index fit` does: the text encoder embeds label sentences."""
+    labels = {f: [getattr(p, f) for p in demo["products"][FIT]] for f in FitOptions().fields}
+    return fit_heads(demo["image"][FIT], demo["text"][FIT], demo["colour"][FIT], labels,
+                     np.ones(160, bool), *IDS, FitOptions(min_field_products=20),
+                     text_encoder.embed)
+
+
+def test_words_find_unseen_photos_by_colour_and_type(demo, heads_with_words, text_encoder):
+    """"{colour} {type}" over the 80 unseen products, from pixels only: the projection learnt
+    from label sentences, and with the predicted attributes as evidence, find the right ones
+    far above chance (about 1 product in 80 per pair)."""
+    heads = heads_with_words
+    products = demo["products"][HELD]
+    assert heads.validation["alignment"]["label_sentences"] > 8  # the templates took part
+    photos = heads.project(demo["image"][HELD])
+    probs = heads.probabilities(demo["image"][HELD], demo["colour"][HELD])
+    pairs = sorted({(p.colour, p.article_type) for p in products})
+    queries = text_encoder.embed([f"{c.lower()} {t.lower()}" for c, t in pairs])
+    plain, evidence = [], []
+    for (colour, article_type), query in zip(pairs, queries, strict=True):
+        wanted = [p.colour == colour and p.article_type == article_type for p in products]
+        similarity = photos @ query
+        named = [probs[f][:, heads.attributes[f].labels.index(v)]
+                 if v in heads.attributes[f].labels else np.zeros(len(products))
+                 for f, v in (("colour", colour), ("article_type", article_type))]
+        for scores, out in ((similarity, plain), (words_photo_scores(similarity, named), evidence)):
+            top = np.argsort(-scores)[: min(3, sum(wanted))]
+            out.append(np.mean([wanted[i] for i in top]))
+    assert np.mean(plain) >= 0.3, np.mean(plain)  # chance: about 0.02
+    assert np.mean(evidence) >= np.mean(plain) and np.mean(evidence) >= 0.5, np.mean(evidence)
+
+
+def test_words_photo_scores_count_the_named_attributes():
+    similarity = np.array([0.50, 0.45, 0.40])
+    colour = np.array([0.0, 0.9, 1.0])  # the most similar photo is surely not the colour named
+    scores = words_photo_scores(similarity, [colour], weight=0.1)
+    assert list(np.argsort(-scores)) == [1, 2, 0]  # it sinks below both that likely are
+    np.testing.assert_allclose(words_photo_scores(similarity, []), similarity)
+    with pytest.raises(ValueError, match="shape"):
+        words_photo_scores(similarity, [np.ones(2)])
+
+
+def test_colour_neighbours_vote_beside_the_head_when_the_held_out_split_says_so(tmp_path):
+    """Colour is in the descriptor, not in the (noise) image vector: the fit gives the
+    neighbours' vote a share, and unseen photos get their colour right."""
+    rng = np.random.default_rng(0)
+    n, names = 400, ["Red", "Blue", "Green", "Black"]
+    centres = np.eye(4, 54, dtype=np.float32)
+    y = rng.integers(0, 4, n)
+    colour = centres[y] + 0.3 * rng.random((n, 54), dtype=np.float32)
+    colour /= np.linalg.norm(colour, axis=1, keepdims=True)
+    image = rng.standard_normal((n, 32)).astype(np.float32)
+    labels = {"colour": [names[i] for i in y]}
+    heads = fit_heads(image[:300], np.zeros((300, 8), np.float32), colour[:300],
+                      {"colour": labels["colour"][:300]}, np.zeros(300, bool), *IDS,
+                      FitOptions(fields=("colour",)))
+    assert heads.attributes["colour"].share > 0 and heads.neighbours is not None
+    predicted = heads.predict(image[300:], colour[300:])
+    accuracy = np.mean([next(iter(p["colour"])) == names[t] for p, t in zip(predicted, y[300:],
+                                                                            strict=True)])
+    assert accuracy >= 0.9, accuracy  # chance 0.25
+    heads.save(tmp_path)
+    loaded = load_heads(tmp_path, IDS[0], IDS[1], 32, 8)
+    assert loaded.predict(image[300:], colour[300:]) == predicted
+    # A photo without colour information (zero descriptor) gets the head alone, no vote.
+    blind = heads.probabilities(image[:2], np.zeros((2, 54), np.float32))["colour"]
+    heads.attributes["colour"].share = 0.0
+    alone = heads.probabilities(image[:2], np.zeros((2, 54), np.float32))["colour"]
+    np.testing.assert_allclose(blind, alone)
+
+
+def test_neighbour_votes_sum_to_one_over_the_k_nearest():
+    neighbours = np.eye(5, 3, dtype=np.float32)[[0, 0, 1, 2, 1]]
+    votes = neighbour_weights(np.array([[1, 0, 0]], np.float32), neighbours, k=3,
+                              temperature=0.05)
+    assert votes.shape == (1, 5) and abs(votes.sum() - 1) < 1e-5
+    assert (votes > 0).sum() == 3 and votes[0, 0] > 0.45 and votes[0, 1] > 0.45
+    assert not neighbour_weights(np.zeros((1, 3), np.float32), neighbours, 3, 0.05).any()
+    shares = label_votes(votes, np.array([0, 0, 1, -1, 1]), 2)
+    assert shares[0, 0] > 0.99
+    assert np.allclose(label_votes(np.zeros((1, 5)), np.zeros(5, int), 4), 0.25)

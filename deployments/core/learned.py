@@ -76,3 +76,22 @@ def mix_attributes(votes: dict[str, dict[str, float]], predicted: dict[str, dict
         mixed[name] = {v: (1 - weight) * vote.get(v, 0.0) + weight * predicted[name].get(v, 0.0)
                        for v in values}
     return mixed
+
+
+def words_photo_scores(similarity: np.ndarray, evidence: Sequence[np.ndarray],
+                       weight: float = 0.1, floor: float = 1e-4) -> np.ndarray:
+    """Scores of products for words, from their photos: the projected photo's cosine to the
+    text vector plus `weight` x the log-probability that the product has each attribute value
+    the words name. `similarity`: (n,) cosines of the projected photos (Heads.project) to the
+    text vector; `evidence`: per named attribute, (n,) probabilities in 0..1 (a product's own
+    label: 1.0 if it is the named value else 0.0; otherwise the heads' calibrated
+    probability of that value, 0.0 when the heads do not know it), floored at `floor` so one
+    zero does not sink a product past recovery. (n,) float64, higher is better; with no
+    evidence, the similarity alone. ValueError when the shapes differ."""
+    score = np.asarray(similarity, np.float64).copy()
+    for p in evidence:
+        p = np.asarray(p, np.float64)
+        if p.shape != score.shape:
+            raise ValueError(f"evidence of shape {p.shape} for {score.shape} similarities")
+        score += weight * np.log(np.maximum(p, floor))
+    return score

@@ -206,13 +206,18 @@ class HeadSettings(BaseModel):
     min_field_products: int = Field(50, ge=2, description="labelled products a field needs")
     min_class_products: int = Field(5, ge=1, description="rarer values are not predicted")
     validation_share: float = Field(0.2, gt=0, lt=1)
-    align_epochs: int = Field(20, ge=1)
+    align_epochs: int = Field(30, ge=1, description="epochs cycle through titles and label "
+                              "sentences")
     fit_cpus: float = Field(1, gt=0, description="CPUs the fit's Ray task reserves")
     threads: int = Field(2, ge=1)
     poll_s: float = Field(5.0, gt=0, description="how often the service looks for a new fit")
     # Ranking: how much a query photo's predicted attributes weigh beside its neighbours' votes
     # (0: votes only, as without heads).
     prediction_weight: float = Field(0.5, ge=0, le=1)
+    # Words -> photos (deployments.core.learned.words_photo_scores): a product's score is its
+    # projected photo's cosine to the words + this x the log-probability of each attribute
+    # value the words name (its own label when it has one, else the heads' prediction).
+    evidence_weight: float = Field(0.1, ge=0)
 
 
 class AppSettings(BaseSettings):
