@@ -105,3 +105,39 @@ def test_cache_follows_a_flush(store):
     store.delete([first])
     store.flush()
     assert first not in [pid for pid, _, _ in _both(store, query)[0]]
+
+
+def test_same_entities_when_only_some_fields_are_read(store):
+    """Hits read only the requested columns of a segment (not the whole row, vectors included)
+    and still carry exactly what the engine returns: scalars, JSON, vectors, a re-ranking pool."""
+    from milvus_lite.engine import collection
+
+    products = [p.model_copy(update={"attributes": {"size": ["S", "M"][i % 2]}, "price": i + 0.5})
+                for i, p in enumerate(_products(range(120)))]
+    store.upsert(products, _vectors(120, IMAGE_DIM, 1), _vectors(120, TEXT_DIM, 2))
+    store.flush()
+    store.upsert(_products(range(100, 130), " v2"), _vectors(30, IMAGE_DIM, 3),
+                 _vectors(30, TEXT_DIM, 4))  # some hits from the memtable
+    query = _vectors(3, IMAGE_DIM, 9)
+    fields = [["id", "title", "colour_vector"], ["attributes", "price", "text_vector"], None]
+
+    def raw(output_fields):
+        return store._client.search(store.collection, data=query.tolist(),
+                                    anns_field="image_vector", limit=60,
+                                    output_fields=output_fields)
+
+    for output_fields in fields:
+        assert lite_search.install()
+        cached = raw(output_fields)
+        pool = [(h.product.id, h.product.title, h.score, h.colour) for h in
+                store.search_pool(query[0], "image", 60)]
+        lite_search.uninstall()
+        engine = raw(output_fields)
+        engine_pool = [(h.product.id, h.product.title, h.score, h.colour) for h in
+                       store.search_pool(query[0], "image", 60)]
+        lite_search.install()
+        assert collection.execute_search_with_index is lite_search.execute_search
+        assert [list(r) for r in cached] == [list(r) for r in engine], output_fields
+        assert [(i, t, s) for i, t, s, _ in pool] == [(i, t, s) for i, t, s, _ in engine_pool]
+        assert all((a is None and b is None) or np.array_equal(a, b)
+                   for (*_, a), (*_, b) in zip(pool, engine_pool, strict=True))
