@@ -172,11 +172,11 @@ class ProductSearch:
 
     async def hybrid(self, features: ImageFeatures, text_vector: np.ndarray, k: int,
                      filters: Filters | None = None, ranker: str = "rrf",
-                     image_weight: float = 0.5) -> list[Hit]:
+                     image_weight: float = 0.5, explain: bool = False) -> list[Hit]:
         """Photo and description fused (Searcher.hybrid)."""
         searcher = await asyncio.to_thread(self.router.for_query, features.model)
         return await self._call("hybrid_search", searcher.hybrid, features, text_vector,
-                                k, filters, ranker, image_weight)
+                                k, filters, ranker, image_weight, explain)
 
     async def similar(self, product_id: str, k: int, filters: Filters | None = None,
                       explain: bool = False) -> list[Hit]:

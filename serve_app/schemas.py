@@ -25,7 +25,11 @@ class ResultItem(BaseModel):
     """One product in a result list."""
 
     id: str
-    score: float | None = Field(None, description="Similarity (cosine; higher is closer)")
+    score: float | None = Field(
+        None, description="The score the list is ranked by, descending: a photo search's "
+        "re-ranking score (0..1: visual, colour and attribute evidence, weighted), a text "
+        "search's text cosine (averaged with the evidence of attribute words it names), a "
+        "photo + text search's fused score; `explain=true` shows the similarities beside it")
     title: str
     image_url: str
     attributes: dict[str, Any]

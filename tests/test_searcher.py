@@ -86,7 +86,13 @@ def test_explain_names_recognised_values(searcher):
     tshirt = searcher.get(other).article_type == "Tshirts"
     expected = {"article_type": ["Tshirts"]} if tshirt else {}
     assert recognised[other] == expected
-    assert all(h.signals["text"] == h.score for h in hits)
+    # `score` is what the list is ranked by: the named values each product's labels show and
+    # its text cosine, averaged; descending down the list.
+    for h in hits:
+        matched = len(h.signals["recognised"])
+        assert sum(h.signals["evidence"].values()) == matched
+        assert h.score == pytest.approx((matched + max(h.signals["text"], 0)) / 3)
+    assert [h.score for h in hits] == sorted((h.score for h in hits), reverse=True)
 
 
 def test_a_field_set_by_the_shopper_wins_over_a_recognised_word(searcher):
@@ -160,8 +166,11 @@ def test_unknown_ids_are_not_found(searcher, call):
 def test_by_image_reranks_within_filters(searcher):
     vectors = searcher.store.get_vectors("p3")
     features = ImageFeatures(vectors["image"], vectors["colour"])
-    hits = searcher.by_image(features, 2, Filters(article_type=["Casual Shoes"]))
+    hits = searcher.by_image(features, 3, Filters(article_type=["Casual Shoes"]), explain=True)
     assert ids(hits)[0] == "p3" and set(ids(hits)) <= {"p3", "p4", "p5"}
+    scores = [h.score for h in hits]  # what the list is ranked by, 0..1, descending
+    assert scores == sorted(scores, reverse=True) and 0 < scores[0] <= 1
+    assert hits[0].signals["visual"] == pytest.approx(1.0, abs=1e-5) and scores[0] > scores[1]
 
 
 def test_attributes_are_keyed_by_filter_name(searcher):
@@ -176,6 +185,11 @@ def test_hybrid_fuses_photo_and_text_within_filters(searcher):
     features = ImageFeatures(vectors["image"], vectors["colour"])
     hits = searcher.hybrid(features, vectors["text"], 3)
     assert ids(hits)[0] == "p3" and len(hits) == 3
+    explained = searcher.hybrid(features, vectors["text"], 3, explain=True)
+    assert ids(explained) == ids(hits) and [h.score for h in explained] == [h.score for h in hits]
+    assert explained[0].signals["visual"] == pytest.approx(1.0, abs=1e-5)
+    assert explained[0].signals["text"] == pytest.approx(1.0, abs=1e-5)
+    assert [h.score for h in hits] == sorted((h.score for h in hits), reverse=True)
     blue = searcher.hybrid(features, vectors["text"], 6, Filters(colour=["blue"]), "weighted")
     assert sorted(ids(blue)) == ["p2", "p3", "p4"]
 

@@ -95,6 +95,13 @@ def _colour(entity: dict[str, Any]) -> np.ndarray | None:
     return vector if vector.size and vector.any() else None
 
 
+def _cosine(query: np.ndarray, stored: Sequence[float]) -> float:
+    """Cosine of a query vector and a stored one (0 when either is all zero)."""
+    vector = np.asarray(stored, np.float32)
+    norm = float(np.linalg.norm(query) * np.linalg.norm(vector))
+    return float(query @ vector / norm) if norm > 0 else 0.0
+
+
 def filter_expression(filters: Filters, vocabulary: dict[str, dict[str, str]] | None = None) -> str:
     """A Milvus boolean expression for the filters, every value escaped. `vocabulary` maps a
     field's lower-cased values to the catalogue's spelling, so `red` finds `Red`."""
@@ -600,21 +607,29 @@ class ProductStore:
     def hybrid_search(
         self, image_vector: np.ndarray, text_vector: np.ndarray, k: int, filter: str = "",
         ranker: Literal["rrf", "weighted"] = "rrf", image_weight: float = 0.5,
-        candidates: int = 100,
+        candidates: int = 100, similarities: bool = False,
     ) -> list[Hit]:
         """Fuse an image-vector and a text-vector search ((image_dim,) and (text_dim,) float32,
-        L2-normalised) by RRF or weighted scores, best first; `score` is the fused score."""
+        L2-normalised) by RRF or weighted scores, best first; `score` is the fused score.
+        `similarities`: each hit's `signals` also hold its `visual` and `text` cosines."""
         params = {"metric_type": self.settings.metric, "params": self.settings.search_params}
-        requests = [
-            AnnSearchRequest([np.asarray(v, np.float32).tolist()], VECTOR_FIELDS[field], params,
-                             max(k, candidates), filter=filter or None)
-            for field, v in (("image", image_vector), ("text", text_vector))
-        ]
+        queries = {"image": np.asarray(image_vector, np.float32),
+                   "text": np.asarray(text_vector, np.float32)}
+        requests = [AnnSearchRequest([v.tolist()], VECTOR_FIELDS[field], params,
+                                     max(k, candidates), filter=filter or None)
+                    for field, v in queries.items()]
         fuse = RRFRanker() if ranker == "rrf" else WeightedRanker(image_weight, 1 - image_weight)
-        result = self._client.hybrid_search(
-            self.collection, requests, fuse, limit=k, output_fields=list(SCALAR_FIELDS),
-            **self._read)
-        return [Hit(self._product(h["entity"]), float(h["distance"])) for h in result[0]]
+        fields = list(SCALAR_FIELDS) + (list(VECTOR_FIELDS.values()) if similarities else [])
+        result = self._client.hybrid_search(self.collection, requests, fuse, limit=k,
+                                            output_fields=fields, **self._read)
+        hits = []
+        for h in result[0]:
+            hit = Hit(self._product(h["entity"]), float(h["distance"]))
+            if similarities:
+                hit.signals = {"visual" if f == "image" else f: _cosine(
+                    q, h["entity"][VECTOR_FIELDS[f]]) for f, q in queries.items()}
+            hits.append(hit)
+        return hits
 
     @staticmethod
     def _product(row: dict[str, Any]) -> Product:

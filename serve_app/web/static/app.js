@@ -370,7 +370,7 @@
       footer.append(price);
     }
     const score = element("span", "result-score");
-    score.title = "Similarity (cosine): 1 is identical";
+    score.title = "The score this list is ranked by: higher ranks first (1 is the best)";
     if (spec.mode === "both") {
       score.title = "Photo and description fused by rank (reciprocal rank fusion): higher is "
         + "closer to both";
