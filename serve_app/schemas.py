@@ -6,7 +6,7 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
-from deployments.core.products import Product
+from deployments.core.products import Prediction, Product
 from deployments.core.store import Hit
 
 
@@ -34,6 +34,10 @@ class ResultItem(BaseModel):
     image_url: str
     attributes: dict[str, Any]
     explain: dict[str, Any] | None = Field(None, description="per-signal scores (explain=true)")
+    predicted: dict[str, Prediction] = Field(
+        default_factory=dict, description="what the heads fitted on this catalogue predict from "
+        "the photo, per field: value and confidence (0..1), kept apart from the shop's own "
+        "`attributes`; filter with `predicted.<field>=value`")
     found_by: str | None = Field(None, description='with fitted heads, a text search says what '
                                  'found the product: "text", "photo" (its pixels) or "both"')
 
@@ -44,7 +48,7 @@ class ResultItem(BaseModel):
         return cls(
             id=product.id, score=score, title=product.title,
             image_url=f"/images/{product.id}", attributes=product.public_attributes(),
-            explain=explain,
+            predicted=product.predicted, explain=explain,
         )
 
 

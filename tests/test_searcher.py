@@ -10,6 +10,8 @@ from deployments.core.colour import COLOUR_DIMS
 from deployments.core.encoders import ImageFeatures
 from deployments.core.errors import NotFound
 from deployments.core.filters import Filters
+from deployments.core.heads import AttributeHead, Heads
+from deployments.core.learned import annotate_store
 from deployments.core.media import MediaStore
 from deployments.core.products import STRING_FIELDS, Product
 from deployments.core.searcher import Searcher
@@ -210,3 +212,48 @@ def test_lean_pool_ranks_exactly_like_the_full_one(searcher, explain, colour):
     assert [(h.product, h.score, h.signals) for h in hits] == \
         [(h.product, h.score, h.signals) for h in expected]
     assert all(h.product.title and h.product.gender == "Men" for h in hits)  # full products
+
+
+# -- fitted heads' predictions and projections, stored per product ---------------------------
+def small_heads(version: str = "h1") -> Heads:
+    """A tiny heads artifact for these 8-d / 4-d vectors (random weights: plumbing only; the
+    real fit is tested on the demo catalogue in test_heads.py and test_service_heads.py)."""
+    rng = np.random.default_rng(5)
+    features = IMAGE_DIM + COLOUR_DIMS
+    colour = AttributeHead(["Red", "Blue", "Green"],
+                           rng.normal(size=(features, 3)).astype(np.float32),
+                           np.zeros(3, np.float32))
+    return Heads("img", "txt", IMAGE_DIM, TEXT_DIM, COLOUR_DIMS,
+                 rng.normal(size=(IMAGE_DIM, TEXT_DIM)).astype(np.float32),
+                 np.zeros(features, np.float32), np.ones(features, np.float32),
+                 {"colour": colour}, version=version)
+
+
+def test_fit_backfill_stores_predictions_apart_from_labels_and_they_filter(searcher):
+    heads = small_heads()
+    assert annotate_store(searcher.store, heads) == len(CATALOGUE)
+    stored = searcher.store.get([i for i, _, _ in CATALOGUE])
+    for product, (_, colour, article_type) in zip(stored, CATALOGUE, strict=True):
+        assert product.colour == colour and product.article_type == article_type  # untouched
+        assert set(product.predicted) == {"colour"}
+        assert 1 / 3 <= product.predicted["colour"].confidence <= 1  # most likely of three
+    value = stored[0].predicted["colour"].value
+    expected = {p.id for p in stored if p.predicted["colour"].value == value}
+    query = unit(1, IMAGE_DIM, 11)[0]
+    found = searcher.nearest("image", query, 6, Filters(predicted={"colour": [value.lower()]}))
+    assert set(ids(found)) == expected
+    sure = min(p.predicted["colour"].confidence for p in stored if p.id in expected)
+    fewer = searcher.nearest("image", query, 6, Filters(predicted={"colour": [value]},
+                                                        predicted_confidence_min=sure + 1e-3))
+    assert set(ids(fewer)) < expected
+
+
+def test_upsert_with_heads_in_use_predicts_at_once(searcher):
+    searcher.heads = small_heads("h2")
+    stored = write(searcher, [Product(id="u1", title="u1")], seed=90)  # no labels at all
+    assert stored[0].predicted["colour"].value in {"Red", "Blue", "Green"}
+    again = searcher.get("u1")
+    assert again.colour == "" and again.predicted == stored[0].predicted
+    searcher.heads = None
+    write(searcher, [Product(id="u2", title="u2")], seed=91)
+    assert searcher.get("u2").predicted == {}  # without heads: nothing predicted

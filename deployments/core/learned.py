@@ -3,6 +3,9 @@
   text -> photo   a text vector is mapped into the image space (`photo_query`), so the image
                   index finds products by their pixels; that list is fused with the text search
                   (`fuse`), so an untitled or badly titled product is still found;
+  stored labels   every stored product gets its photo projected into the text space and its
+                  predicted attributes with their confidence (`annotations`, written at upsert
+                  and by the fit's backfill `annotate_store`), kept apart from its own labels;
   photo labels    a query photo's predicted attributes are mixed with its neighbours' votes
                   (`mix_attributes`) before re-ranking.
 """
@@ -14,8 +17,8 @@ from collections.abc import Sequence
 import numpy as np
 
 from deployments.core.heads import Heads
-from deployments.core.products import Product
-from deployments.core.store import Hit
+from deployments.core.products import PREDICTED_FIELDS, Prediction, Product
+from deployments.core.store import Hit, ProductStore
 
 RRF_K = 60  # the usual reciprocal-rank-fusion constant (Milvus RRFRanker's default too)
 
@@ -76,3 +79,39 @@ def mix_attributes(votes: dict[str, dict[str, float]], predicted: dict[str, dict
         mixed[name] = {v: (1 - weight) * vote.get(v, 0.0) + weight * predicted[name].get(v, 0.0)
                        for v in values}
     return mixed
+
+
+def annotations(heads: Heads, image_vectors: np.ndarray, colour_vectors: np.ndarray | None,
+                ) -> tuple[np.ndarray | None, list[dict[str, Prediction]]]:
+    """What fitted heads add to stored products: their photos projected into the text space
+    ((n, text_dim) float32, L2-normalised; None without an alignment head) and, per product,
+    the most likely value of each predicted field (PREDICTED_FIELDS the heads fitted) with its
+    calibrated probability. `image_vectors` (n, image_dim), `colour_vectors` (n, colour_dim)
+    float32 (None or all zero: no colour information)."""
+    image = np.asarray(image_vectors, np.float32)
+    colour = (np.zeros((len(image), heads.colour_dim), np.float32) if colour_vectors is None
+              else np.asarray(colour_vectors, np.float32))
+    projected = heads.project(image) if heads.projection is not None else None
+    predictions: list[dict[str, Prediction]] = [{} for _ in range(len(image))]
+    for name, p in heads.probabilities(image, colour).items():
+        if name not in PREDICTED_FIELDS:
+            continue
+        labels = heads.attributes[name].labels
+        for i, j in enumerate(p.argmax(axis=1)):
+            predictions[i][name] = Prediction(value=labels[j],
+                                              confidence=round(float(p[i, j]), 4))
+    return projected, predictions
+
+
+def annotate_store(store: ProductStore, heads: Heads, batch_size: int = 256) -> int:
+    """The fit's backfill: every product of `store` gets the projection and predictions of
+    `heads` (ProductStore.annotate reads and rewrites whole rows in batches). Returns rows
+    written. BackendUnavailable when Milvus fails."""
+
+    def annotate(image: np.ndarray, colour: np.ndarray):
+        projected, predictions = annotations(heads, image, colour)
+        if projected is None:
+            projected = np.zeros((len(image), heads.text_dim), np.float32)
+        return projected, predictions
+
+    return store.annotate(annotate, heads.version, batch_size)

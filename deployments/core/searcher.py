@@ -279,9 +279,10 @@ class Searcher:
                colour_vectors: np.ndarray | None = None) -> list[Product]:
         """Insert-or-replace products by id with their photos and vectors ((n, dim) float32,
         L2-normalised; colour (n, COLOUR_DIMS) float32). Seals the segment every
-        FLUSH_EVERY_ROWS rows. Returns the products as stored."""
+        FLUSH_EVERY_ROWS rows. With heads in use, each also gets its projected photo and
+        predicted attributes. Returns the products as stored."""
         stored = write_products(self.store, self.media, products, images, image_vectors,
-                                text_vectors, colour_vectors)
+                                text_vectors, colour_vectors, heads=self.heads)
         self.vocabulary.add(stored)
         with self._flush_lock:
             self._unflushed += len(stored)

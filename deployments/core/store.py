@@ -14,7 +14,7 @@ import json
 import logging
 import threading
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -34,7 +34,14 @@ from pymilvus import (
 from deployments.core.colour import COLOUR_DIMS
 from deployments.core.errors import BackendUnavailable, IncompatibleStore, InvalidInput
 from deployments.core.filters import Filters
-from deployments.core.products import STRING_FIELDS, STRING_LIMITS, UTF8_MAX_BYTES, Product
+from deployments.core.products import (
+    PREDICTED_FIELDS,
+    STRING_FIELDS,
+    STRING_LIMITS,
+    UTF8_MAX_BYTES,
+    Prediction,
+    Product,
+)
 from deployments.core.settings import MilvusSettings
 from deployments.core.versions import PROVENANCE_KEY
 
@@ -42,20 +49,34 @@ log = logging.getLogger(__name__)
 
 VectorField = Literal["image", "text"]
 VECTOR_FIELDS = {"image": "image_vector", "text": "text_vector"}
+# What the fitted heads predict, apart from the shop's labels: per field its value
+# (`predicted_colour`, VARCHAR, "" = none) and confidence (`predicted_colour_p`, FLOAT 0..1), and
+# the heads version that wrote them (`predicted_by`, "" = none: no prediction, no projection).
+PREDICTED_VALUE = {name: f"predicted_{name}" for name in PREDICTED_FIELDS}
+PREDICTED_CONFIDENCE = {name: f"predicted_{name}_p" for name in PREDICTED_FIELDS}
+PREDICTED_BY = "predicted_by"
+PREDICTION_FIELDS = (*PREDICTED_VALUE.values(), *PREDICTED_CONFIDENCE.values(), PREDICTED_BY)
 SCALAR_FIELDS = (
     "id", "title", *STRING_FIELDS, "price", "attributes", "image_ref", "image_hash", "fingerprint",
+    *PREDICTION_FIELDS,
 )
 # VARCHAR max_length counts UTF-8 bytes on a Milvus server (Milvus Lite counts characters):
 # room for the longest value Product accepts (STRING_LIMITS, in characters) in any script.
-VARCHAR_BYTES = {name: chars * UTF8_MAX_BYTES for name, chars in STRING_LIMITS.items()}
+VARCHAR_BYTES = {name: chars * UTF8_MAX_BYTES for name, chars in STRING_LIMITS.items()} | {
+    PREDICTED_VALUE[name]: STRING_LIMITS[name] * UTF8_MAX_BYTES for name in PREDICTED_FIELDS} | {
+    PREDICTED_BY: 64}
 # Scalar field types of the schema (prices DOUBLE: read back exactly as sent).
 SCALAR_TYPES = {name: DataType.VARCHAR for name in VARCHAR_BYTES} | {
-    "price": DataType.DOUBLE, "attributes": DataType.JSON}
+    "price": DataType.DOUBLE, "attributes": DataType.JSON} | {
+    name: DataType.FLOAT for name in PREDICTED_CONFIDENCE.values()}
 REBUILD = ("rebuild it: `python -m batch_index drop` (same --milvus-uri / --collection), then "
            "index the catalogue again with `python -m batch_index index --catalog ...`")
 
 
 COLOUR_FIELD = "colour_vector"
+# Each product's photo projected into the text space by the fitted heads (Heads.project, text_dim,
+# L2-normalised), so text queries find it by its pixels; all zero until heads have written it.
+PHOTO_TEXT_FIELD = "photo_text_vector"
 # What re-ranking reads of each pool candidate (searcher.by_image): labels, the photo (grey
 # likeness) and its hash; with the colour descriptor. Full products only for the k returned.
 POOL_FIELDS = ("id", "title", "article_type", "colour", "image_ref", "image_hash")
@@ -119,6 +140,12 @@ def filter_expression(filters: Filters, vocabulary: dict[str, dict[str, str]] | 
     for name, values in filters.attributes.items():
         path = f"attributes[{literal(name)}]"  # JSON paths take == only, not `in`
         clauses.append("(" + " or ".join(f"{path} == {literal(v)}" for v in values) + ")")
+    for name, values in filters.predicted.items():  # the heads' predictions, not the labels
+        known = vocabulary.get(name, {})
+        clauses.append(expr_in(PREDICTED_VALUE[name], [known.get(v.lower(), v) for v in values]))
+        if filters.predicted_confidence_min is not None:
+            clauses.append(f"{PREDICTED_CONFIDENCE[name]} >= "
+                           f"{literal(filters.predicted_confidence_min)}")
     return " and ".join(clauses)
 
 
@@ -232,8 +259,15 @@ class ProductStore:
         schema.add_field("image_vector", DataType.FLOAT_VECTOR, dim=image_dim)
         schema.add_field("text_vector", DataType.FLOAT_VECTOR, dim=text_dim)
         schema.add_field(COLOUR_FIELD, DataType.FLOAT_VECTOR, dim=COLOUR_DIMS)
+        for name in PREDICTED_FIELDS:
+            schema.add_field(PREDICTED_VALUE[name], DataType.VARCHAR,
+                             max_length=VARCHAR_BYTES[PREDICTED_VALUE[name]], default_value="")
+            schema.add_field(PREDICTED_CONFIDENCE[name], DataType.FLOAT, default_value=0.0)
+        schema.add_field(PREDICTED_BY, DataType.VARCHAR, max_length=VARCHAR_BYTES[PREDICTED_BY],
+                         default_value="")
+        schema.add_field(PHOTO_TEXT_FIELD, DataType.FLOAT_VECTOR, dim=text_dim)
         index = self._client.prepare_index_params()
-        for field in VECTOR_FIELDS.values():
+        for field in (*VECTOR_FIELDS.values(), PHOTO_TEXT_FIELD):
             index.add_index(
                 field, index_type=self.settings.index_type, metric_type=self.settings.metric,
                 params=self.settings.index_params,
@@ -250,14 +284,9 @@ class ProductStore:
 
     def _check_schema(self, image_dim: int, text_dim: int) -> None:
         fields = self._client.describe_collection(self.collection)["fields"]
-        missing = {*SCALAR_FIELDS, COLOUR_FIELD} - {f["name"] for f in fields}
-        if missing:
-            raise IncompatibleStore(
-                f"collection {self.collection!r} lacks fields {sorted(missing)} (made by an older "
-                f"version); {REBUILD}",
-            )
         # An earlier schema kept prices as FLOAT (19.99 read back as 19.989999771118164) and
-        # sized VARCHARs in characters: serving from it would give wrong answers.
+        # sized VARCHARs in characters, and had no fields for fitted heads (schema 3): serving
+        # from it would give wrong answers or fail on writes.
         wrong = []
         for field in fields:
             name, kind = field["name"], DataType(field["type"])
@@ -268,13 +297,17 @@ class ProductStore:
                 size = int(field.get("params", {}).get("max_length", 0))
                 if size < VARCHAR_BYTES[name]:
                     wrong.append(f"{name} holds {size} bytes, not {VARCHAR_BYTES[name]}")
+        missing = {*SCALAR_FIELDS, COLOUR_FIELD, PHOTO_TEXT_FIELD} - {f["name"] for f in fields}
+        if missing:
+            wrong.append(f"it lacks fields {sorted(missing)}")
         if wrong:
             raise IncompatibleStore(
                 f"collection {self.collection!r} was made by an earlier schema "
                 f"({'; '.join(wrong)}); {REBUILD}",
             )
         dims = {f["name"]: f.get("params", {}).get("dim") for f in fields}
-        expected = {"image_vector": image_dim, "text_vector": text_dim}
+        expected = {"image_vector": image_dim, "text_vector": text_dim,
+                    PHOTO_TEXT_FIELD: text_dim}
         for name, dim in expected.items():
             if dims.get(name) is not None and int(dims[name]) != dim:
                 raise IncompatibleStore(
@@ -350,8 +383,12 @@ class ProductStore:
     def all_products(self) -> list[Product]:
         """Every product of this collection (a rebuild's input), in storage order."""
         found: list[Product] = []
+        # A collection of an older schema (a rebuild's source) lacks the newer fields.
+        present = {f["name"] for f in self._client.describe_collection(
+            self.collection, **self._read)["fields"]}
         iterator = self._client.query_iterator(self.collection, batch_size=4096,
-                                               output_fields=list(SCALAR_FIELDS),
+                                               output_fields=[f for f in SCALAR_FIELDS
+                                                              if f in present],
                                                **self._write)
         while batch := iterator.next():
             found += [self._product(r) for r in batch]
@@ -386,27 +423,80 @@ class ProductStore:
     @_backend_errors
     def upsert(
         self, products: Sequence[Product], image_vectors: np.ndarray, text_vectors: np.ndarray,
-        colour_vectors: np.ndarray | None = None,
+        colour_vectors: np.ndarray | None = None, photo_text_vectors: np.ndarray | None = None,
+        predicted_by: str = "",
     ) -> int:
         """Insert or replace products by id with their vectors (image (n, image_dim), text
         (n, text_dim) float32, L2-normalised; colour (n, COLOUR_DIMS) float32); returns rows
         written. Without colour descriptors, products simply get no colour signal in
-        re-ranking. ValueError when the lengths differ; BackendUnavailable when Milvus fails."""
+        re-ranking. `photo_text_vectors` (n, text_dim) float32: the photos projected by the
+        fitted heads `predicted_by` (a version), which also made each product's `predicted`
+        values (without them: an all-zero projection, which no search uses).
+        ValueError when the lengths differ; BackendUnavailable when Milvus fails."""
+        n = len(products)
         if colour_vectors is None:
-            colour_vectors = np.zeros((len(products), COLOUR_DIMS), dtype=np.float32)
-        if not (len(products) == len(image_vectors) == len(text_vectors) == len(colour_vectors)):
+            colour_vectors = np.zeros((n, COLOUR_DIMS), dtype=np.float32)
+        if photo_text_vectors is None:  # no alignment head: no projection to search
+            photo_text_vectors = np.zeros((n, np.shape(text_vectors)[-1]), dtype=np.float32)
+        lengths = {len(image_vectors), len(text_vectors), len(colour_vectors),
+                   len(photo_text_vectors)}
+        if lengths != {n}:
             raise ValueError("products and vectors differ in length")
         if not products:
             return 0
         rows = [
-            {**p.model_dump(), "image_vector": iv.tolist(), "text_vector": tv.tolist(),
-             COLOUR_FIELD: cv.tolist()}
-            for p, iv, tv, cv in zip(products, image_vectors, text_vectors, colour_vectors,
-                                     strict=True)
+            {**p.model_dump(exclude={"predicted"}), **_prediction_columns(p, predicted_by),
+             "image_vector": iv.tolist(), "text_vector": tv.tolist(), COLOUR_FIELD: cv.tolist(),
+             PHOTO_TEXT_FIELD: pv.tolist()}
+            for p, iv, tv, cv, pv in zip(products, image_vectors, text_vectors, colour_vectors,
+                                         photo_text_vectors, strict=True)
         ]
         with self._write_lock:
             result = self._client.upsert(self.collection, rows, **self._write)
         return int(result.get("upsert_count", len(rows)))
+
+    @_backend_errors
+    def annotate(self, annotator: Callable[[np.ndarray, np.ndarray], tuple[
+                 np.ndarray, list[dict[str, Prediction]]]], predicted_by: str,
+                 batch_size: int = 256) -> int:
+        """Give every stored product its projected photo vector and predicted attributes from
+        fitted heads (`predicted_by`: their version). `annotator(image (n, image_dim), colour
+        (n, COLOUR_DIMS))` returns the projected vectors ((n, text_dim) float32, L2-normalised)
+        and per product its predictions. Milvus upserts whole rows, so each batch of products
+        is read in full and written back, under the write lock (a write by another process
+        between the read and the write of a batch would be undone: run it when the catalogue
+        is quiet, or through the service that owns the store). Returns rows written."""
+        ids = [r["id"] for r in self._query_all(["id"], batch_size)]
+        fields = [*SCALAR_FIELDS, *VECTOR_FIELDS.values(), COLOUR_FIELD]
+        written = 0
+        for start in range(0, len(ids), batch_size):
+            with self._write_lock:
+                rows = self._client.query(self.collection, filter=expr_in(
+                    "id", ids[start: start + batch_size]), output_fields=fields,
+                    consistency_level="Strong", **self._write)
+                if not rows:
+                    continue
+                image = np.asarray([r["image_vector"] for r in rows], np.float32)
+                colour = np.asarray([r[COLOUR_FIELD] for r in rows], np.float32)
+                projected, predictions = annotator(image, colour)
+                for row, vector, predicted in zip(rows, projected, predictions, strict=True):
+                    row.update(_prediction_columns(Product.model_construct(
+                        predicted=predicted), predicted_by))
+                    row[PHOTO_TEXT_FIELD] = np.asarray(vector, np.float32).tolist()
+                    row.pop("$meta", None)
+                result = self._client.upsert(self.collection, rows, **self._write)
+            written += int(result.get("upsert_count", len(rows)))
+        return written
+
+    def _query_all(self, fields: list[str], batch_size: int = 4096) -> list[dict[str, Any]]:
+        """Every row of the collection, only `fields`."""
+        rows: list[dict[str, Any]] = []
+        iterator = self._client.query_iterator(self.collection, batch_size=batch_size,
+                                               output_fields=fields, **self._write)
+        while batch := iterator.next():
+            rows.extend(batch)
+        iterator.close()
+        return rows
 
     @_backend_errors
     def flush(self) -> None:
@@ -633,6 +723,29 @@ class ProductStore:
 
     @staticmethod
     def _product(row: dict[str, Any]) -> Product:
-        data = {k: row.get(k) for k in SCALAR_FIELDS if k in row}
+        data = {k: row.get(k) for k in SCALAR_FIELDS if k in row and k not in PREDICTION_FIELDS}
         data["attributes"] = data.get("attributes") or {}
+        data["predicted"] = _predictions(row)
         return Product.model_validate(data)
+
+
+def _prediction_columns(product: Product, predicted_by: str) -> dict[str, Any]:
+    """The stored prediction columns of a product: every PREDICTED_FIELDS value and confidence
+    ("" and 0 where the heads predict nothing), and which heads made them."""
+    columns: dict[str, Any] = {PREDICTED_BY: predicted_by if product.predicted else ""}
+    for name in PREDICTED_FIELDS:
+        prediction = product.predicted.get(name)
+        columns[PREDICTED_VALUE[name]] = prediction.value if prediction else ""
+        columns[PREDICTED_CONFIDENCE[name]] = float(prediction.confidence) if prediction else 0.0
+    return columns
+
+
+def _predictions(row: dict[str, Any]) -> dict[str, Prediction]:
+    """The predictions stored in a row (fields without a predicted value left out)."""
+    found = {}
+    for name in PREDICTED_FIELDS:
+        value = row.get(PREDICTED_VALUE[name])
+        if value:
+            confidence = min(max(float(row.get(PREDICTED_CONFIDENCE[name]) or 0.0), 0.0), 1.0)
+            found[name] = Prediction(value=value, confidence=round(confidence, 4))
+    return found
