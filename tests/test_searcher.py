@@ -257,3 +257,26 @@ def test_upsert_with_heads_in_use_predicts_at_once(searcher):
     searcher.heads = None
     write(searcher, [Product(id="u2", title="u2")], seed=91)
     assert searcher.get("u2").predicted == {}  # without heads: nothing predicted
+
+
+def test_words_find_an_untitled_product_through_its_stored_projected_photo(searcher):
+    """With heads, a text query searches titles and projected photos together (Milvus hybrid
+    search): a product whose title says nothing is found by its photo, and scores descend."""
+    heads = small_heads("h3")
+    annotate_store(searcher.store, heads)
+    searcher.heads = heads
+    write(searcher, [Product(id=f"x{i}", title=f"Extra {i}") for i in range(30)], seed=300)
+    untitled = Product(id="u7", title="u7")
+    image = unit(1, IMAGE_DIM, 123)
+    query = heads.project(image)[0]  # words that match its projected photo exactly
+    searcher.upsert([untitled], [b"photo of u7"], image, -query[None],  # and not its title
+                    unit(1, COLOUR_DIMS, 125))
+    hits = searcher.by_text(query, "nothing the vocabulary knows", 10, explain=True)
+    mine = hits[ids(hits).index("u7")]  # among 37 products, its photo the best, its title last
+    assert mine.found_by == mine.signals["found_by"] == "photo"
+    assert mine.signals["photo"] == pytest.approx(1.0, abs=1e-5) and mine.signals["text"] < 0
+    assert mine.heads_version == "h3"
+    scores = [h.score for h in hits]
+    assert scores == sorted(scores, reverse=True) and 0 < scores[0] <= 1
+    searcher.heads = None  # without heads: titles only, as before
+    assert "u7" not in ids(searcher.by_text(query, "nothing the vocabulary knows", 10))

@@ -24,13 +24,20 @@ from deployments.core.errors import InvalidInput, NotFound
 from deployments.core.filters import Filters
 from deployments.core.heads import Heads
 from deployments.core.images import decode_image
-from deployments.core.learned import fuse, mix_attributes, photo_query, with_known_labels
+from deployments.core.learned import mix_attributes, rank_words_and_photos, with_known_labels
 from deployments.core.media import MediaStore
 from deployments.core.products import STRING_FIELDS, Product
 from deployments.core.query import AttributeVocabulary, attribute_evidence, text_score
 from deployments.core.ranking import Candidate, Weights, query_signals, rerank
 from deployments.core.settings import RankingSettings
-from deployments.core.store import Hit, ProductStore, VectorField, filter_expression, literal
+from deployments.core.store import (
+    Hit,
+    ProductStore,
+    VectorField,
+    filter_expression,
+    literal,
+    recognised_expression,
+)
 from deployments.core.writes import write_products
 
 log = logging.getLogger(__name__)
@@ -182,13 +189,26 @@ class Searcher:
         the rest come from the search without them."""
         heads = self.heads
         if heads is not None and heads.projection is not None:
-            # Titles and photos together: the text search, and the image index searched by the
-            # words mapped into image space (deployments.core.learned), fused by rank.
-            words = self._by_text(vector, text, k, filters, explain)
-            photos = self.nearest("image", photo_query(heads, vector), max(
-                k, self.ranking.hybrid_depth), filters)
-            return _stamp(fuse(words, photos, k, explain), heads)
+            return _stamp(self.by_words_and_photos(vector, text, k, filters, explain), heads)
         return self._by_text(vector, text, k, filters, explain)
+
+    def by_words_and_photos(self, vector: np.ndarray, text: str, k: int,
+                            filters: Filters | None = None, explain: bool = False) -> list[Hit]:
+        """With fitted heads: titles and projected photos searched together (one Milvus hybrid
+        search, each list max(k, ranking.hybrid_depth) deep), so an untitled product is found
+        by its pixels. Attribute words the query names narrow the search to products showing
+        them by their own label or, lacking one, by their stored prediction (topped up without
+        them when fewer than k remain); learned.rank_words_and_photos orders the result."""
+        filters = filters or Filters()
+        recognised = self.recognised(text, filters)
+        depth = max(k, self.ranking.hybrid_depth)
+        narrowed = self.expression(filters, recognised_expression(recognised))
+        hits = self.store.text_and_photo_search(vector, k, narrowed, depth)
+        if recognised and len(hits) < k:  # top up from the search without the named values
+            seen = tuple(h.product.id for h in hits)
+            hits += self.store.text_and_photo_search(vector, k - len(hits),
+                                                     self.expression(filters), depth, seen)
+        return rank_words_and_photos(hits, recognised, k, explain)
 
     def _by_text(self, vector: np.ndarray, text: str, k: int, filters: Filters | None = None,
                  explain: bool = False) -> list[Hit]:

@@ -144,8 +144,23 @@ def filter_expression(filters: Filters, vocabulary: dict[str, dict[str, str]] | 
         known = vocabulary.get(name, {})
         clauses.append(expr_in(PREDICTED_VALUE[name], [known.get(v.lower(), v) for v in values]))
         if filters.predicted_confidence_min is not None:
-            clauses.append(f"{PREDICTED_CONFIDENCE[name]} >= "
-                           f"{literal(filters.predicted_confidence_min)}")
+            # Confidences are stored as FLOAT (float32): 0.2825 is kept as 0.28249999..., so
+            # the bound is compared at that precision (a shown confidence filters itself in).
+            bound = float(np.float32(filters.predicted_confidence_min)) - 1e-7
+            clauses.append(f"{PREDICTED_CONFIDENCE[name]} >= {literal(bound)}")
+    return " and ".join(clauses)
+
+
+def recognised_expression(recognised: dict[str, list[str]]) -> str:
+    """Products that show every value a text query named (field -> values, in the catalogue's
+    spelling): by their own label, or, where they have no label of that field, by the value
+    the fitted heads predicted from their photo. Every value escaped."""
+    clauses = []
+    for name, values in recognised.items():
+        own = expr_in(name, values)
+        if name in PREDICTED_VALUE:
+            own = f"({own} or ({name} == \"\" and {expr_in(PREDICTED_VALUE[name], values)}))"
+        clauses.append(own)
     return " and ".join(clauses)
 
 
@@ -720,6 +735,36 @@ class ProductStore:
                     q, h["entity"][VECTOR_FIELDS[f]]) for f, q in queries.items()}
             hits.append(hit)
         return hits
+
+    @_backend_errors
+    def text_and_photo_search(
+        self, text_vector: np.ndarray, k: int, filter: str = "", candidates: int = 100,
+        exclude_ids: Sequence[str] = (),
+    ) -> list[Hit]:
+        """Products found by words through their titles and their photos: one Milvus hybrid
+        search (RRF) of the text vectors and the projected photo vectors (PHOTO_TEXT_FIELD;
+        only products fitted heads have written) with one text vector ((text_dim,) float32,
+        L2-normalised). Each list is max(k, candidates) deep and every product either found is
+        returned, best first by fused score (`score`), its `signals` holding its `text` and
+        `photo` cosines to the query (so a caller can tell which list found it)."""
+        depth = max(k, candidates)
+        clauses = [f"({filter})" if filter else "",
+                   f"not ({expr_in('id', exclude_ids)})" if exclude_ids else ""]
+        text_filter = " and ".join(c for c in clauses if c)
+        photo_filter = " and ".join(c for c in [*clauses, f'{PREDICTED_BY} != ""'] if c)
+        query = np.asarray(text_vector, np.float32)
+        params = {"metric_type": self.settings.metric, "params": self.settings.search_params}
+        requests = [AnnSearchRequest([query.tolist()], field, params, depth, filter=expr or None)
+                    for field, expr in ((VECTOR_FIELDS["text"], text_filter),
+                                        (PHOTO_TEXT_FIELD, photo_filter))]
+        result = self._client.hybrid_search(
+            self.collection, requests, RRFRanker(), limit=2 * depth,
+            output_fields=[*SCALAR_FIELDS, VECTOR_FIELDS["text"], PHOTO_TEXT_FIELD],
+            **self._read)
+        return [Hit(self._product(h["entity"]), float(h["distance"]), signals={
+                    "text": _cosine(query, h["entity"][VECTOR_FIELDS["text"]]),
+                    "photo": _cosine(query, h["entity"][PHOTO_TEXT_FIELD])})
+                for h in result[0]]
 
     @staticmethod
     def _product(row: dict[str, Any]) -> Product:
