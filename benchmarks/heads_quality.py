@@ -112,7 +112,10 @@ def served_store(catalogue, vectors: dict, heads, titled: np.ndarray, untitled: 
     from deployments.core.settings import MilvusSettings
     from deployments.core.store import ProductStore
 
-    store = ProductStore(MilvusSettings(uri=str(folder / "milvus.db"), collection="bench"))
+    # The service's index settings; a generous read timeout (this measures quality; the
+    # latency of each search is reported beside it).
+    store = ProductStore(MilvusSettings(uri=str(folder / "milvus.db"), collection="bench",
+                                        read_timeout_s=60))
     searcher = Searcher(store, MediaStore(folder / "media"))
     searcher.start(vectors["image"].shape[1], vectors["text"].shape[1])
     searcher.heads = heads
@@ -159,8 +162,12 @@ def text_report(catalogue, vectors: dict, heads, titled: np.ndarray, untitled: n
                 if not texts:
                     continue
                 queries = embed_texts(texts)
-                served = [[int(h.product.id[1:]) for h in searcher.by_text(
-                    q, t, 10, only_untitled)] for q, t in zip(queries, texts, strict=True)]
+                served, took = [], []
+                for q, t in zip(queries, texts, strict=True):
+                    start = time.perf_counter()
+                    hits = searcher.by_text(q, t, 10, only_untitled)
+                    took.append((time.perf_counter() - start) * 1000)
+                    served.append([int(h.product.id[1:]) for h in hits])
                 exact = [[int(untitled[j]) for j in np.argsort(-row)[:10]]
                          for row in queries @ projected.T]
                 figures = {}
@@ -170,7 +177,8 @@ def text_report(catalogue, vectors: dict, heads, titled: np.ndarray, untitled: n
                                        10, counts[combo])
                         for combo, top in zip(combos, tops, strict=True)])), 4)
                 key = "{" + "} {".join(template) + "}"
-                report[key] = {"queries": len(texts), "P@10": figures}
+                report[key] = {"queries": len(texts), "P@10": figures,
+                               "served_ms_p50": round(float(np.median(took)), 1)}
         finally:
             searcher.store.close()
     return report
