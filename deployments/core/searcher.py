@@ -186,7 +186,8 @@ class Searcher:
         """Products that match a description (`vector`: its (dim,) float32 text embedding).
         Attribute words of the catalogue's own vocabulary ("black", "casual shoes", "men")
         become filters unless the shopper set that field; if they leave fewer than k products,
-        the rest come from the search without them."""
+        the rest come from the search without them. With fitted heads (an alignment head),
+        titles and stored projected photos are searched together (`by_words_and_photos`)."""
         heads = self.heads
         if heads is not None and heads.projection is not None:
             return _stamp(self.by_words_and_photos(vector, text, k, filters, explain), heads)
