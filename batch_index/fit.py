@@ -6,7 +6,8 @@
 Reads every product's stored vectors and labels (from Milvus, or through the running service when
 it owns a Milvus Lite store), fits the heads in one Ray task that reserves `heads.fit_cpus`, and
 writes the artifact to `<heads.dir>/<collection>/`; the search deployment picks it up within
-`heads.poll_s` seconds, without a restart.
+`heads.poll_s` seconds, without a restart. Then every stored product gets the new heads' projected
+photo vector and predicted attributes (a backfill through the store, or through the service).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import numpy as np
 import ray
 
 from deployments.core.heads import FitOptions, Heads, fit_heads, heads_folder, model_ids
+from deployments.core.learned import annotate_store
 from deployments.core.settings import AppSettings, HeadSettings
 
 log = logging.getLogger(__name__)
@@ -55,7 +57,8 @@ def fit_data(data: dict[str, Any], settings: AppSettings) -> Heads:
 
 def run_fit(settings: AppSettings, search_handle=None, store=None) -> Heads | None:
     """Read the catalogue, fit on Ray (one task reserving heads.fit_cpus), save the artifact
-    beside the collection; returns the heads. Reads from `store` (a ProductStore), or through
+    beside the collection, then write the heads' projection and predictions into every stored
+    product; returns the heads. Reads and writes through `store` (a ProductStore), or through
     `search_handle` (the running service's ProductSearch, which owns a Milvus Lite store and
     then loads the new fit at once). None, and nothing written, below heads.min_products."""
     if search_handle is not None:
@@ -72,4 +75,8 @@ def run_fit(settings: AppSettings, search_handle=None, store=None) -> Heads | No
     log.info("heads %s written to %s", heads.version, path)
     if search_handle is not None:
         search_handle.reload_heads.remote().result()
+        written = search_handle.annotate.remote().result()
+    else:
+        written = annotate_store(store, heads)
+    log.info("heads %s written into %d stored products", heads.version, written)
     return heads

@@ -13,11 +13,11 @@ Split protocol (by photo group, so no photo is on both sides; seeded):
       default ranking (neighbour votes) and the ranking with the heads' predictions beside the
       votes (Searcher.by_image with heads);
   (b) text -> photo over the untitled products, from pixels only: "{colour} {article type}" and
-      "{article type}" queries; P@10 matching (denominator min(10, matching products)); both the
-      exact projection and the image-space query the service searches the index with
-      (learned.photo_query), and the exact projection with the heads' predicted attributes as
-      evidence (learned.words_photo_scores: what the service can rank by once the projected
-      photo and the predictions are stored per product);
+      "{article type}" queries; P@10 matching (denominator min(10, matching products)); as
+      served (Searcher.by_text with the heads on an embedded Milvus Lite store of the catalogue,
+      filtered to the untitled products) and, for reference, the projection's cosine alone and
+      the projection with the heads' predicted attributes as log-probability evidence over every
+      untitled product (learned.words_photo_scores: a proposed scoring, not yet served);
   (c) attribute prediction accuracy of the untitled products per field (chance: the most common
       value of the titled part);
   plus the time to fit the whole catalogue.
@@ -105,45 +105,98 @@ def photo_report(catalogue, vectors: dict, heads, members: np.ndarray, queries: 
     return report
 
 
-def text_report(catalogue, vectors: dict, heads, untitled: np.ndarray,
+def served_store(catalogue, vectors: dict, heads, titled: np.ndarray, untitled: np.ndarray,
+                 folder: Path):
+    """A Searcher over an embedded Milvus Lite store holding the catalogue as the service would:
+    titled products with their titles and labels, untitled ones with neither (title = id, as a
+    shop's file name), each product's attribute `split` saying which; written through the
+    service's write path with the heads in use, so each carries its projected photo and
+    predicted attributes."""
+    from deployments.core.media import MediaStore
+    from deployments.core.products import Product
+    from deployments.core.searcher import Searcher
+    from deployments.core.settings import MilvusSettings
+    from deployments.core.store import ProductStore
+
+    # The service's index settings; a generous read timeout (this measures quality; the
+    # latency of each search is reported beside it).
+    store = ProductStore(MilvusSettings(uri=str(folder / "milvus.db"), collection="bench",
+                                        read_timeout_s=60))
+    searcher = Searcher(store, MediaStore(folder / "media"))
+    searcher.start(vectors["image"].shape[1], vectors["text"].shape[1])
+    searcher.heads = heads
+    members = np.concatenate([titled, untitled])
+    names = [f"p{i}" for i in untitled]
+    is_titled = set(titled.tolist())
+    text = vectors["text"].copy()
+    text[untitled] = embed_texts(names)  # what the service embeds for an untitled product
+    for start in range(0, len(members), 500):
+        batch = members[start: start + 500]
+        products = [catalogue.products[i].model_copy(update={
+                        "id": f"p{i}", "attributes": {"split": "titled"}}) if i in is_titled
+                    else Product(id=f"p{i}", title=f"p{i}", attributes={"split": "untitled"})
+                    for i in batch]
+        searcher.upsert(products, [f"photo {i}".encode() for i in batch],
+                        vectors["image"][batch], text[batch], vectors["colour"][batch])
+    searcher.flush()
+    searcher.vocabulary.refresh()
+    return searcher
+
+
+def text_report(catalogue, vectors: dict, heads, titled: np.ndarray, untitled: np.ndarray,
                 min_support: int = 3) -> dict:
-    """(b) words -> untitled photos, from pixels only."""
+    """(b) words -> untitled photos, from pixels only. "served": exactly what the service
+    runs (Searcher.by_text with the heads: titles and stored projected photos searched
+    together by Milvus hybrid search, attribute words matched by labels or, for products
+    without, by stored predictions; learned.rank_words_and_photos), on an embedded Milvus Lite
+    store of the whole catalogue, each query filtered to the untitled products; "projection":
+    the projected photos ranked by cosine alone, without narrowing (a reference)."""
     from benchmarks.quality_metrics import match_all_at_k
-    from deployments.core.learned import photo_query, words_photo_scores
+    from deployments.core.filters import Filters
+    from deployments.core.learned import words_photo_scores
     from deployments.core.settings import load_settings
 
     weight = load_settings().heads.evidence_weight
     probs = heads.probabilities(vectors["image"][untitled], vectors["colour"][untitled])
     records = {int(i): {f: getattr(catalogue.products[i], f) for f in LABELS} for i in untitled}
     projected = heads.project(vectors["image"][untitled])
-    raw = vectors["image"][untitled]
     report = {"products": int(len(untitled))}
-    for template in (("colour", "article_type"), ("article_type",)):
-        counts = Counter(tuple(records[int(i)][f] for f in template) for i in untitled)
-        combos = sorted(c for c, n in counts.items() if n >= min_support and all(c))
-        texts = [" ".join(v.lower() for v in c) for c in combos]
-        if not texts:
-            continue
-        queries = embed_texts(texts)
-        figures = {}
-        evidence = np.stack([words_photo_scores(row, [_probability(heads, probs, f, v)
-                                                      for f, v in zip(template, combo,
-                                                                      strict=True)], weight)
-                             for combo, row in zip(combos, queries @ projected.T,
-                                                   strict=True)])
-        for name, scores in (("projection", queries @ projected.T),
-                             ("image-space query (served)", np.stack(
-                                 [photo_query(heads, q) for q in queries]) @ raw.T),
-                             ("projection + predicted attributes", evidence)):
-            precision = []
-            for combo, row in zip(combos, scores, strict=True):
-                top = [int(untitled[j]) for j in np.argsort(-row)[:10]]
-                precision.append(match_all_at_k(top, records, dict(zip(template, combo,
-                                                                       strict=True)),
-                                                10, counts[combo]))
-            figures[name] = round(float(np.mean(precision)), 4)
-        key = "{" + "} {".join(template) + "}"
-        report[key] = {"queries": len(texts), "P@10": figures}
+    with tempfile.TemporaryDirectory(prefix="heads-quality-") as folder:
+        searcher = served_store(catalogue, vectors, heads, titled, untitled, Path(folder))
+        only_untitled = Filters(attributes={"split": ["untitled"]})
+        try:
+            for template in (("colour", "article_type"), ("article_type",)):
+                counts = Counter(tuple(records[int(i)][f] for f in template) for i in untitled)
+                combos = sorted(c for c, n in counts.items() if n >= min_support and all(c))
+                texts = [" ".join(v.lower() for v in c) for c in combos]
+                if not texts:
+                    continue
+                queries = embed_texts(texts)
+                served, took = [], []
+                for q, t in zip(queries, texts, strict=True):
+                    start = time.perf_counter()
+                    hits = searcher.by_text(q, t, 10, only_untitled)
+                    took.append((time.perf_counter() - start) * 1000)
+                    served.append([int(h.product.id[1:]) for h in hits])
+                similarity = queries @ projected.T
+                exact = [[int(untitled[j]) for j in np.argsort(-row)[:10]] for row in similarity]
+                with_evidence = [
+                    [int(untitled[j]) for j in np.argsort(-words_photo_scores(row, [
+                        _probability(heads, probs, f, v)
+                        for f, v in zip(template, combo, strict=True)], weight))[:10]]
+                    for combo, row in zip(combos, similarity, strict=True)]
+                figures = {}
+                for name, tops in (("served", served), ("projection", exact),
+                                   ("projection + predicted attributes", with_evidence)):
+                    figures[name] = round(float(np.mean([
+                        match_all_at_k(top, records, dict(zip(template, combo, strict=True)),
+                                       10, counts[combo])
+                        for combo, top in zip(combos, tops, strict=True)])), 4)
+                key = "{" + "} {".join(template) + "}"
+                report[key] = {"queries": len(texts), "P@10": figures,
+                               "served_ms_p50": round(float(np.median(took)), 1)}
+        finally:
+            searcher.store.close()
     return report
 
 
@@ -195,7 +248,7 @@ def run(dataset: Path, seed: int, fit_whole: bool = True) -> dict:
             "split": {"titled": len(titled), "untitled": len(untitled), "queries": len(queries)},
             "heads_validation": heads.validation,
             "photo": photo_report(catalogue, vectors, heads, members, queries),
-            "text": text_report(catalogue, vectors, heads, untitled),
+            "text": text_report(catalogue, vectors, heads, titled, untitled),
             "attributes": attribute_report(catalogue, vectors, heads, titled, untitled),
             "fit_whole_catalogue": fit_time(catalogue, vectors) if fit_whole else None}
 

@@ -23,6 +23,7 @@ from deployments.core.encoders import ImageFeatures
 from deployments.core.errors import InvalidInput
 from deployments.core.filters import Filters
 from deployments.core.heads import current_version, heads_folder, load_heads, model_ids
+from deployments.core.learned import annotate_store
 from deployments.core.media import MediaStore
 from deployments.core.products import Product
 from deployments.core.searcher import Searcher
@@ -172,11 +173,11 @@ class ProductSearch:
 
     async def hybrid(self, features: ImageFeatures, text_vector: np.ndarray, k: int,
                      filters: Filters | None = None, ranker: str = "rrf",
-                     image_weight: float = 0.5) -> list[Hit]:
+                     image_weight: float = 0.5, explain: bool = False) -> list[Hit]:
         """Photo and description fused (Searcher.hybrid)."""
         searcher = await asyncio.to_thread(self.router.for_query, features.model)
         return await self._call("hybrid_search", searcher.hybrid, features, text_vector,
-                                k, filters, ranker, image_weight)
+                                k, filters, ranker, image_weight, explain)
 
     async def similar(self, product_id: str, k: int, filters: Filters | None = None,
                       explain: bool = False) -> list[Hit]:
@@ -257,6 +258,15 @@ class ProductSearch:
             status = {**(status or {}), "error": self.heads_error}
         return {"milvus": "ok", "collection": self.router.alias, "dims": self.dims,
                 "version": self.router.describe(), "heads": status}
+
+    async def annotate(self) -> int:
+        """Write the heads in use into every stored product (projected photo, predicted
+        attributes: learned.annotate_store); returns rows written, 0 without heads. The fit
+        calls it through the service when the service owns a Milvus Lite store."""
+        searcher = self.searcher
+        if searcher.heads is None:
+            return 0
+        return await self._call("annotate", annotate_store, searcher.store, searcher.heads)
 
     async def vectors_and_labels(self) -> dict[str, Any]:
         """Every product's stored vectors and labels (the fit reads them through the service

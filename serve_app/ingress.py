@@ -129,7 +129,7 @@ class SearchAPI:
         if photo and words:
             return await self._search(request, "hybrid", k, lambda k, filters: products.hybrid
                                       .remote(photo(data), words(text), k, filters, ranker,
-                                              image_weight))
+                                              image_weight, explain))
         if photo:
             return await self._search(request, "image", k, lambda k, filters: products
                                       .by_image.remote(photo(data), k, filters, explain))

@@ -6,7 +6,7 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
-from deployments.core.products import Product
+from deployments.core.products import Prediction, Product
 from deployments.core.store import Hit
 
 
@@ -25,11 +25,19 @@ class ResultItem(BaseModel):
     """One product in a result list."""
 
     id: str
-    score: float | None = Field(None, description="Similarity (cosine; higher is closer)")
+    score: float | None = Field(
+        None, description="The score the list is ranked by, descending: a photo search's "
+        "re-ranking score (0..1: visual, colour and attribute evidence, weighted), a text "
+        "search's text cosine (averaged with the evidence of attribute words it names), a "
+        "photo + text search's fused score; `explain=true` shows the similarities beside it")
     title: str
     image_url: str
     attributes: dict[str, Any]
     explain: dict[str, Any] | None = Field(None, description="per-signal scores (explain=true)")
+    predicted: dict[str, Prediction] = Field(
+        default_factory=dict, description="what the heads fitted on this catalogue predict from "
+        "the photo, per field: value and confidence (0..1), kept apart from the shop's own "
+        "`attributes`; filter with `predicted.<field>=value`")
     found_by: str | None = Field(None, description='with fitted heads, a text search says what '
                                  'found the product: "text", "photo" (its pixels) or "both"')
 
@@ -40,7 +48,7 @@ class ResultItem(BaseModel):
         return cls(
             id=product.id, score=score, title=product.title,
             image_url=f"/images/{product.id}", attributes=product.public_attributes(),
-            explain=explain,
+            predicted=product.predicted, explain=explain,
         )
 
 

@@ -46,3 +46,13 @@ def test_index_then_fit_writes_an_artifact_beside_the_collection(ray_local, tmp_
     heads = load_heads(folder, *model_ids(settings.image_model, settings.text_model), 1280, 384)
     assert heads.version == summary["version"] == current_version(folder)
     assert summary["alignment"] and {"article_type", "colour"} <= set(summary["fields"])
+    # The fit wrote its predictions into every stored product, apart from the shop's labels.
+    store = ProductStore(load_settings(config).milvus)
+    products = store.all_products()
+    store.close()
+    assert len(products) == 48
+    for product in products:
+        assert {"article_type", "colour"} <= set(product.predicted)
+        assert all(0 < p.confidence <= 1 for p in product.predicted.values())
+    typed = np.mean([p.predicted["article_type"].value == p.article_type for p in products])
+    assert typed > 0.5, typed  # fitted on these very products: a plumbing check, not quality

@@ -27,13 +27,15 @@ from deployments.core.heads import (
 )
 from deployments.core.images import decode_image
 from deployments.core.learned import (
+    found_by,
     fuse,
     mix_attributes,
     photo_query,
+    rank_words_and_photos,
     with_known_labels,
     words_photo_scores,
 )
-from deployments.core.products import Product
+from deployments.core.products import Prediction, Product
 from deployments.core.store import Hit
 
 FIT, HELD = slice(0, 160), slice(160, 240)
@@ -233,3 +235,24 @@ def test_neighbour_votes_sum_to_one_over_the_k_nearest():
     shares = label_votes(votes, np.array([0, 0, 1, -1, 1]), 2)
     assert shares[0, 0] > 0.99
     assert np.allclose(label_votes(np.zeros((1, 5)), np.zeros(5, int), 4), 0.25)
+
+
+def test_words_and_photos_rank_by_fused_score_and_named_values():
+    """A product's own label counts for a named value; without one, its prediction's
+    confidence; found_by says which similarity ranks it among the k best."""
+    def hit(i: str, fused: float, text: float, photo: float, **labels) -> Hit:
+        predicted = {f: Prediction(value=v, confidence=0.6) for f, v in labels.pop(
+            "predicted", {}).items()}
+        return Hit(Product(id=i, title=i, predicted=predicted, **labels), fused,
+                   signals={"text": text, "photo": photo})
+
+    hits = [hit("titled", 0.032, 0.7, 0.2, colour="Red"),
+            hit("untitled", 0.031, 0.05, 0.6, predicted={"colour": "Red"}),
+            hit("blue", 0.030, 0.6, 0.3, colour="Blue")]
+    ranked = rank_words_and_photos(hits, {"colour": ["Red"]}, 2, explain=True)
+    assert [h.product.id for h in ranked] == ["titled", "untitled"]
+    assert [h.found_by for h in ranked] == ["text", "photo"]
+    assert ranked[1].signals["evidence"] == {"colour": 0.6}
+    assert ranked[1].signals["predicted_used"] == {"colour": ["Red", 0.6]}
+    assert ranked[0].score > ranked[1].score and 0 < ranked[1].score <= 1
+    assert found_by(hits, 3) == ["both", "both", "both"]  # all three are in both top 3

@@ -109,8 +109,8 @@ def test_queries_go_to_the_version_of_their_model_and_writes_to_the_live_one(tmp
 # -- the whole flow on local Ray, a Milvus server and Serve ------------------------------------
 class ShopperLoad:
     """Shoppers searching by the photos of known products; each answer is checked: the product
-    itself must come back with cosine ~1 (a query vector searched against another model's
-    vectors scores about 0.2), so a mixed answer cannot pass."""
+    itself must come back with an image cosine ~1 (explain's `visual`; a query vector searched
+    against another model's vectors scores about 0.2), so a mixed answer cannot pass."""
 
     def __init__(self, url: str, photos: dict[str, bytes], users: int = 2,
                  timeout: float = 30) -> None:
@@ -130,7 +130,7 @@ class ShopperLoad:
                 n += self.users
                 began = time.monotonic()
                 try:
-                    r = client.post("/search/image", params={"k": 5},
+                    r = client.post("/search/image", params={"k": 5, "explain": "true"},
                                     files={"image": ("p.jpg", self.photos[pid])})
                 except httpx.HTTPError as exc:
                     self._note(began, "error", repr(exc))
@@ -138,7 +138,7 @@ class ShopperLoad:
                 if r.status_code != 200:
                     self._note(began, str(r.status_code), r.text[:200])
                     continue
-                scores = {h["id"]: h["score"] for h in r.json()["results"]}
+                scores = {h["id"]: h["explain"]["visual"] for h in r.json()["results"]}
                 if scores.get(pid, 0) > 0.99:
                     self._note(began, "ok")
                 else:
@@ -273,8 +273,9 @@ def test_rebuild_into_a_new_model_and_swap_under_load(service, settings_factory,
         assert client.get("/products/added-during-rebuild").status_code == 200
         assert client.get(f"/products/{ids[5]}").json()["title"] == changed["title"]
         assert client.get(f"/products/{ids[6]}").status_code == 404
-        r = client.post("/search/image", params={"k": 5}, files={"image": ("n.jpg", new_photo)})
-        scores = {h["id"]: h["score"] for h in r.json()["results"]}
+        r = client.post("/search/image", params={"k": 5, "explain": "true"},
+                        files={"image": ("n.jpg", new_photo)})
+        scores = {h["id"]: h["explain"]["visual"] for h in r.json()["results"]}
         assert scores.get("added-during-rebuild", 0) > 0.99, scores  # embedded by the new model
         store = _connect(v1_settings.milvus)
         admin = VersionAdmin(store)
@@ -396,8 +397,9 @@ def test_rebuild_and_swap_on_embedded_lite_through_the_service(service, settings
         assert client.get("/products/added-during-rebuild").status_code == 200
         assert client.get(f"/products/{ids[5]}").json()["title"] == changed["title"]
         assert client.get(f"/products/{ids[6]}").status_code == 404
-        r = client.post("/search/image", params={"k": 5}, files={"image": ("n.jpg", new_photo)})
-        scores = {h["id"]: h["score"] for h in r.json()["results"]}
+        r = client.post("/search/image", params={"k": 5, "explain": "true"},
+                        files={"image": ("n.jpg", new_photo)})
+        scores = {h["id"]: h["explain"]["visual"] for h in r.json()["results"]}
         assert scores.get("added-during-rebuild", 0) > 0.99, scores
         admin = ServiceAdmin(serve.get_deployment_handle("ProductSearch", app_name=app))
         v2_ids = set(admin.fingerprints("catalog__v2"))

@@ -10,6 +10,8 @@ from deployments.core.colour import COLOUR_DIMS
 from deployments.core.encoders import ImageFeatures
 from deployments.core.errors import NotFound
 from deployments.core.filters import Filters
+from deployments.core.heads import AttributeHead, Heads
+from deployments.core.learned import annotate_store
 from deployments.core.media import MediaStore
 from deployments.core.products import STRING_FIELDS, Product
 from deployments.core.searcher import Searcher
@@ -86,7 +88,13 @@ def test_explain_names_recognised_values(searcher):
     tshirt = searcher.get(other).article_type == "Tshirts"
     expected = {"article_type": ["Tshirts"]} if tshirt else {}
     assert recognised[other] == expected
-    assert all(h.signals["text"] == h.score for h in hits)
+    # `score` is what the list is ranked by: the named values each product's labels show and
+    # its text cosine, averaged; descending down the list.
+    for h in hits:
+        matched = len(h.signals["recognised"])
+        assert sum(h.signals["evidence"].values()) == matched
+        assert h.score == pytest.approx((matched + max(h.signals["text"], 0)) / 3)
+    assert [h.score for h in hits] == sorted((h.score for h in hits), reverse=True)
 
 
 def test_a_field_set_by_the_shopper_wins_over_a_recognised_word(searcher):
@@ -160,8 +168,11 @@ def test_unknown_ids_are_not_found(searcher, call):
 def test_by_image_reranks_within_filters(searcher):
     vectors = searcher.store.get_vectors("p3")
     features = ImageFeatures(vectors["image"], vectors["colour"])
-    hits = searcher.by_image(features, 2, Filters(article_type=["Casual Shoes"]))
+    hits = searcher.by_image(features, 3, Filters(article_type=["Casual Shoes"]), explain=True)
     assert ids(hits)[0] == "p3" and set(ids(hits)) <= {"p3", "p4", "p5"}
+    scores = [h.score for h in hits]  # what the list is ranked by, 0..1, descending
+    assert scores == sorted(scores, reverse=True) and 0 < scores[0] <= 1
+    assert hits[0].signals["visual"] == pytest.approx(1.0, abs=1e-5) and scores[0] > scores[1]
 
 
 def test_attributes_are_keyed_by_filter_name(searcher):
@@ -176,6 +187,11 @@ def test_hybrid_fuses_photo_and_text_within_filters(searcher):
     features = ImageFeatures(vectors["image"], vectors["colour"])
     hits = searcher.hybrid(features, vectors["text"], 3)
     assert ids(hits)[0] == "p3" and len(hits) == 3
+    explained = searcher.hybrid(features, vectors["text"], 3, explain=True)
+    assert ids(explained) == ids(hits) and [h.score for h in explained] == [h.score for h in hits]
+    assert explained[0].signals["visual"] == pytest.approx(1.0, abs=1e-5)
+    assert explained[0].signals["text"] == pytest.approx(1.0, abs=1e-5)
+    assert [h.score for h in hits] == sorted((h.score for h in hits), reverse=True)
     blue = searcher.hybrid(features, vectors["text"], 6, Filters(colour=["blue"]), "weighted")
     assert sorted(ids(blue)) == ["p2", "p3", "p4"]
 
@@ -196,3 +212,71 @@ def test_lean_pool_ranks_exactly_like_the_full_one(searcher, explain, colour):
     assert [(h.product, h.score, h.signals) for h in hits] == \
         [(h.product, h.score, h.signals) for h in expected]
     assert all(h.product.title and h.product.gender == "Men" for h in hits)  # full products
+
+
+# -- fitted heads' predictions and projections, stored per product ---------------------------
+def small_heads(version: str = "h1") -> Heads:
+    """A tiny heads artifact for these 8-d / 4-d vectors (random weights: plumbing only; the
+    real fit is tested on the demo catalogue in test_heads.py and test_service_heads.py)."""
+    rng = np.random.default_rng(5)
+    features = IMAGE_DIM + COLOUR_DIMS
+    colour = AttributeHead(["Red", "Blue", "Green"],
+                           rng.normal(size=(features, 3)).astype(np.float32),
+                           np.zeros(3, np.float32))
+    return Heads("img", "txt", IMAGE_DIM, TEXT_DIM, COLOUR_DIMS,
+                 rng.normal(size=(IMAGE_DIM, TEXT_DIM)).astype(np.float32),
+                 np.zeros(features, np.float32), np.ones(features, np.float32),
+                 {"colour": colour}, version=version)
+
+
+def test_fit_backfill_stores_predictions_apart_from_labels_and_they_filter(searcher):
+    heads = small_heads()
+    assert annotate_store(searcher.store, heads) == len(CATALOGUE)
+    stored = searcher.store.get([i for i, _, _ in CATALOGUE])
+    for product, (_, colour, article_type) in zip(stored, CATALOGUE, strict=True):
+        assert product.colour == colour and product.article_type == article_type  # untouched
+        assert set(product.predicted) == {"colour"}
+        assert 1 / 3 <= product.predicted["colour"].confidence <= 1  # most likely of three
+    value = stored[0].predicted["colour"].value
+    expected = {p.id for p in stored if p.predicted["colour"].value == value}
+    query = unit(1, IMAGE_DIM, 11)[0]
+    found = searcher.nearest("image", query, 6, Filters(predicted={"colour": [value.lower()]}))
+    assert set(ids(found)) == expected
+    sure = min(p.predicted["colour"].confidence for p in stored if p.id in expected)
+    fewer = searcher.nearest("image", query, 6, Filters(predicted={"colour": [value]},
+                                                        predicted_confidence_min=sure + 1e-3))
+    assert set(ids(fewer)) < expected
+
+
+def test_upsert_with_heads_in_use_predicts_at_once(searcher):
+    searcher.heads = small_heads("h2")
+    stored = write(searcher, [Product(id="u1", title="u1")], seed=90)  # no labels at all
+    assert stored[0].predicted["colour"].value in {"Red", "Blue", "Green"}
+    again = searcher.get("u1")
+    assert again.colour == "" and again.predicted == stored[0].predicted
+    searcher.heads = None
+    write(searcher, [Product(id="u2", title="u2")], seed=91)
+    assert searcher.get("u2").predicted == {}  # without heads: nothing predicted
+
+
+def test_words_find_an_untitled_product_through_its_stored_projected_photo(searcher):
+    """With heads, a text query searches titles and projected photos together (Milvus hybrid
+    search): a product whose title says nothing is found by its photo, and scores descend."""
+    heads = small_heads("h3")
+    annotate_store(searcher.store, heads)
+    searcher.heads = heads
+    write(searcher, [Product(id=f"x{i}", title=f"Extra {i}") for i in range(30)], seed=300)
+    untitled = Product(id="u7", title="u7")
+    image = unit(1, IMAGE_DIM, 123)
+    query = heads.project(image)[0]  # words that match its projected photo exactly
+    searcher.upsert([untitled], [b"photo of u7"], image, -query[None],  # and not its title
+                    unit(1, COLOUR_DIMS, 125))
+    hits = searcher.by_text(query, "nothing the vocabulary knows", 10, explain=True)
+    mine = hits[ids(hits).index("u7")]  # among 37 products, its photo the best, its title last
+    assert mine.found_by == mine.signals["found_by"] == "photo"
+    assert mine.signals["photo"] == pytest.approx(1.0, abs=1e-5) and mine.signals["text"] < 0
+    assert mine.heads_version == "h3"
+    scores = [h.score for h in hits]
+    assert scores == sorted(scores, reverse=True) and 0 < scores[0] <= 1
+    searcher.heads = None  # without heads: titles only, as before
+    assert "u7" not in ids(searcher.by_text(query, "nothing the vocabulary knows", 10))

@@ -46,11 +46,17 @@ def test_own_photo_comes_back_first(client, demo_rows):
     for product_id in ("demo-0005", "demo-0017", "demo-0033"):
         photo = _image_of(client, product_id)
         r = client.post("/search/image", files={"image": ("p.jpg", photo, "image/jpeg")},
-                        params={"k": 5})
+                        params={"k": 5, "explain": "true"})
         assert r.status_code == 200, r.text
         body = r.json()
         assert body["results"][0]["id"] == product_id
-        assert body["results"][0]["score"] == pytest.approx(1.0, abs=1e-3)
+        # `score` is what the list is ranked by: the own product has the top score, scores
+        # descend, and explain shows the photo's cosine to itself (~1.0).
+        scores = [x["score"] for x in body["results"]]
+        assert scores == sorted(scores, reverse=True) and scores[0] > scores[1]
+        assert 0 < scores[0] <= 1
+        assert body["results"][0]["explain"]["visual"] == pytest.approx(1.0, abs=1e-3)
+        assert body["results"][0]["explain"]["score"] == scores[0]
         assert len(body["results"]) == 5 and body["took_ms"] > 0
         assert body["results"][0]["image_url"] == f"/images/{product_id}"
 

@@ -3,6 +3,7 @@ failed request (real Ray, real service, the fit through `batch_index.fit` on Ray
 
 from __future__ import annotations
 
+import json
 import shutil
 import threading
 import time
@@ -11,9 +12,12 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.support import replica_actor_names
+from deployments.core.demo import draw_product
+from tests.support import jpeg_bytes, replica_actor_names
 
 pytestmark = pytest.mark.integration
+# Names the colour and type of the untitled product below: its title says nothing, its photo does.
+QUERY = "red dress"
 
 
 def _wait_heads(url: str, wanted, timeout: float = 30) -> dict:
@@ -96,3 +100,66 @@ def test_service_picks_up_a_new_fit_without_restart(service, service_settings):
                        timeout=30).json()
     assert after["heads_version"] is None
     assert [r["id"] for r in after["results"]] == [r["id"] for r in before["results"]]
+
+
+def test_a_fit_predicts_stored_attributes_and_words_find_untitled_photos(
+        service, service_settings, auth_headers):
+    """After a fit, every stored product carries predicted attributes with confidence (apart
+    from its labels, filterable); a product stored untitled and unlabelled gets them at once
+    and a text query finds it through its photo; scores descend."""
+    from ray import serve
+
+    from batch_index.fit import run_fit
+
+    settings = service_settings.model_copy(update={"heads": service_settings.heads.model_copy(
+        update={"min_products": 10, "min_field_products": 10, "min_class_products": 2})})
+    heads = run_fit(settings, serve.get_deployment_handle("ProductSearch", app_name="shopsearch"))
+    _wait_heads(service, heads.version)
+    client = httpx.Client(base_url=service, timeout=60)
+    try:
+        before = client.get("/products/demo-0007").json()  # stored before the fit: backfilled
+        assert {"article_type", "colour"} <= set(before["predicted"])
+        assert before["attributes"]["colour"]  # its own label stays apart
+
+        photo = jpeg_bytes(draw_product("Dresses", "Red", "Solid", seed=9001))
+        r = client.post("/products", files={"image": ("u.jpg", photo, "image/jpeg")},
+                        data={"product": json.dumps({"id": "untitled-9001",
+                                                     "title": "IMG_9001"})},
+                        headers=auth_headers)
+        assert r.status_code == 201, r.text
+        stored = r.json()
+        assert "colour" not in stored["attributes"]
+        guess = stored["predicted"]["colour"]
+        assert guess["value"] and 0 < guess["confidence"] <= 1
+        assert client.get("/products/untitled-9001").json()["predicted"] == stored["predicted"]
+
+        # Filterable, in a JSON body and as query parameters.
+        found = client.post("/search/text", json={
+            "query": "something to wear", "k": 60,
+            "filters": {"predicted": {"colour": [guess["value"]]}}}).json()["results"]
+        assert "untitled-9001" in [x["id"] for x in found]
+        assert all(x["predicted"]["colour"]["value"] == guess["value"] for x in found)
+        similar = client.get("/products/demo-0007/similar", params={
+            "k": 60, "predicted.colour": guess["value"].lower(),
+            "predicted_confidence_min": guess["confidence"]}).json()["results"]
+        assert "untitled-9001" in [x["id"] for x in similar]
+        assert all(x["predicted"]["colour"]["value"] == guess["value"]
+                   and x["predicted"]["colour"]["confidence"] >= guess["confidence"]
+                   for x in similar)
+
+        # Words find it through its photo: its title says nothing.
+        text = client.post("/search/text", json={"query": QUERY, "k": 5,
+                                                 "explain": True}).json()
+        results = {x["id"]: x for x in text["results"]}
+        assert "untitled-9001" in results, [x["id"] for x in text["results"]]
+        mine = results["untitled-9001"]
+        assert mine["found_by"] == mine["explain"]["found_by"] == "photo", mine["explain"]
+        assert mine["explain"]["photo"] > mine["explain"]["text"]
+        scores = [x["score"] for x in text["results"]]
+        assert scores == sorted(scores, reverse=True) and 0 < scores[0] <= 1
+        assert text["heads_version"] == heads.version
+    finally:
+        client.delete("/products/untitled-9001", headers=auth_headers)
+        client.close()
+        shutil.rmtree(f"{service_settings.heads.dir}/{service_settings.milvus.collection}")
+        _wait_heads(service, None)

@@ -128,6 +128,41 @@ def test_dimension_mismatch_is_explained(milvus):
     second.close()
 
 
+def test_a_store_without_the_fitted_heads_fields_is_refused_with_the_rebuild_command(milvus):
+    """A collection of schema 2 (before stored predictions and projected photos) is refused
+    with a message naming the missing fields and the command that rebuilds it."""
+    from pymilvus import DataType, MilvusClient
+
+    client = MilvusClient(milvus.uri)
+    schema = client.create_schema(auto_id=False, enable_dynamic_field=False)
+    schema.add_field("id", DataType.VARCHAR, is_primary=True, max_length=256)
+    schema.add_field("title", DataType.VARCHAR, max_length=2000)
+    for name in ("category", "subcategory", "article_type", "colour", "size", "gender",
+                 "season", "usage"):
+        schema.add_field(name, DataType.VARCHAR, max_length=256, default_value="")
+    schema.add_field("price", DataType.DOUBLE, nullable=True)
+    schema.add_field("attributes", DataType.JSON)
+    for name in ("image_ref", "image_hash", "fingerprint"):
+        schema.add_field(name, DataType.VARCHAR, max_length=1024)
+    index = client.prepare_index_params()
+    for name, dim in (("image_vector", IMAGE_DIM), ("text_vector", TEXT_DIM),
+                      ("colour_vector", 54)):
+        schema.add_field(name, DataType.FLOAT_VECTOR, dim=dim)
+        index.add_index(name, index_type="FLAT", metric_type="COSINE")
+    client.create_collection(milvus.collection, schema=schema, index_params=index)
+    client.close()
+    store = ProductStore(milvus)
+    try:
+        with pytest.raises(IncompatibleStore) as caught:
+            store.ensure_collection(IMAGE_DIM, TEXT_DIM)
+        message = caught.value.message
+        assert "python -m batch_index drop" in message and "batch_index index" in message
+        assert "predicted_colour" in message and "photo_text_vector" in message
+    finally:
+        store.drop()
+        store.close()
+
+
 def test_schema_is_explicit(store):
     fields = {f["name"]: f for f in store._client.describe_collection("test")["fields"]}
     assert fields["id"]["is_primary"]

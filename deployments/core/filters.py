@@ -15,7 +15,7 @@ from typing import Any
 from pydantic import ConfigDict, Field, ValidationError, create_model, field_validator
 
 from deployments.core.errors import InvalidInput, validation_message
-from deployments.core.products import PRICE_SCHEMA, STRING_FIELDS, Price
+from deployments.core.products import PREDICTED_FIELDS, PRICE_SCHEMA, STRING_FIELDS, Price
 
 ATTRIBUTE_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
 MAX_VALUES = 50
@@ -41,6 +41,27 @@ class Filters(_FieldFilters):
     price_min: Price | None = Field(None, json_schema_extra=PRICE_SCHEMA)
     price_max: Price | None = Field(None, json_schema_extra=PRICE_SCHEMA)
     attributes: dict[str, list[Scalar]] = Field(default_factory=dict, max_length=20)
+    # What the fitted heads predicted from each product's photo (stored apart from its labels).
+    predicted: dict[str, list[str]] = Field(
+        default_factory=dict, description="values predicted from the photo, per field "
+        f"({', '.join(PREDICTED_FIELDS)})")
+    predicted_confidence_min: float | None = Field(
+        None, ge=0, le=1, description="with `predicted`: only predictions at least this sure")
+
+    @field_validator("predicted", mode="before")
+    @classmethod
+    def _predicted(cls, value: Any) -> Any:
+        if not isinstance(value, dict):
+            raise ValueError("predicted must be an object of field -> value(s)")
+        cleaned = {}
+        for name, values in value.items():
+            if name not in PREDICTED_FIELDS:
+                raise ValueError(f"predicted.{name} is not predicted; predicted fields: "
+                                 f"{', '.join(PREDICTED_FIELDS)}")
+            cleaned[name] = cls._as_list(values)
+            if not cleaned[name] or len(cleaned[name]) > MAX_VALUES:
+                raise ValueError(f"predicted.{name} needs 1 to {MAX_VALUES} values")
+        return cleaned
 
     @field_validator(*STRING_FIELDS, mode="before")
     @classmethod
@@ -95,19 +116,23 @@ def parse_filters(data: dict[str, Any] | None) -> Filters:
 
 def filters_from_params(items: Iterable[tuple[str, str]], reserved: set[str]) -> Filters:
     """Filters from query parameters: `field=value` (repeatable), `price_min`, `price_max`,
-    `attr.<name>=value`; names in `reserved` (k, explain, ...) are the route's own."""
+    `attr.<name>=value`, `predicted.<field>=value` (the heads' prediction) and
+    `predicted_confidence_min`; names in `reserved` (k, explain, ...) are the route's own."""
     data: dict[str, Any] = {}
     for key, value in items:
         if key in reserved:
             continue
         if key.startswith("attr."):
             data.setdefault("attributes", {}).setdefault(key[5:], []).extend(_scalars(value))
-        elif key in ("price_min", "price_max"):
+        elif key.startswith("predicted."):
+            data.setdefault("predicted", {}).setdefault(key[10:], []).append(value)
+        elif key in ("price_min", "price_max", "predicted_confidence_min"):
             data[key] = value
         elif key in STRING_FIELDS:
             data.setdefault(key, []).append(value)
         else:
-            fields = ", ".join([*STRING_FIELDS, "price_min", "price_max", "attr.<name>"])
+            fields = ", ".join([*STRING_FIELDS, "price_min", "price_max", "attr.<name>",
+                                "predicted.<field>", "predicted_confidence_min"])
             raise InvalidInput(f"unknown filter {key!r}; filter by one of: {fields}",
                                code="invalid_filter")
     return parse_filters(data)

@@ -1,8 +1,13 @@
 """How search uses fitted heads (deployments.core.heads): pure numpy, no Ray, no Milvus.
 
-  text -> photo   a text vector is mapped into the image space (`photo_query`), so the image
-                  index finds products by their pixels; that list is fused with the text search
-                  (`fuse`), so an untitled or badly titled product is still found;
+  text -> photo   every stored product holds its photo projected into the text space; a text
+                  query searches the titles and those projected photos together (Milvus hybrid
+                  search, ProductStore.text_and_photo_search) and `rank_words_and_photos`
+                  orders what they found, so an untitled or badly titled product is still
+                  found by its pixels (`photo_query` / `fuse`: the same by the image index);
+  stored labels   every stored product gets its photo projected into the text space and its
+                  predicted attributes with their confidence (`annotations`, written at upsert
+                  and by the fit's backfill `annotate_store`), kept apart from its own labels;
   photo labels    a query photo's predicted attributes are mixed with its neighbours' votes
                   (`mix_attributes`) before re-ranking.
 """
@@ -14,8 +19,9 @@ from collections.abc import Sequence
 import numpy as np
 
 from deployments.core.heads import Heads
-from deployments.core.products import Product
-from deployments.core.store import Hit
+from deployments.core.products import PREDICTED_FIELDS, Prediction, Product
+from deployments.core.query import attribute_evidence, text_score
+from deployments.core.store import Hit, ProductStore
 
 RRF_K = 60  # the usual reciprocal-rank-fusion constant (Milvus RRFRanker's default too)
 
@@ -95,3 +101,89 @@ def words_photo_scores(similarity: np.ndarray, evidence: Sequence[np.ndarray],
             raise ValueError(f"evidence of shape {p.shape} for {score.shape} similarities")
         score += weight * np.log(np.maximum(p, floor))
     return score
+
+
+def annotations(heads: Heads, image_vectors: np.ndarray, colour_vectors: np.ndarray | None,
+                ) -> tuple[np.ndarray | None, list[dict[str, Prediction]]]:
+    """What fitted heads add to stored products: their photos projected into the text space
+    ((n, text_dim) float32, L2-normalised; None without an alignment head) and, per product,
+    the most likely value of each predicted field (PREDICTED_FIELDS the heads fitted) with its
+    calibrated probability. `image_vectors` (n, image_dim), `colour_vectors` (n, colour_dim)
+    float32 (None or all zero: no colour information)."""
+    image = np.asarray(image_vectors, np.float32)
+    colour = (np.zeros((len(image), heads.colour_dim), np.float32) if colour_vectors is None
+              else np.asarray(colour_vectors, np.float32))
+    projected = heads.project(image) if heads.projection is not None else None
+    predictions: list[dict[str, Prediction]] = [{} for _ in range(len(image))]
+    for name, p in heads.probabilities(image, colour).items():
+        if name not in PREDICTED_FIELDS:
+            continue
+        labels = heads.attributes[name].labels
+        for i, j in enumerate(p.argmax(axis=1)):
+            predictions[i][name] = Prediction(value=labels[j],
+                                              confidence=round(float(p[i, j]), 4))
+    return projected, predictions
+
+
+def annotate_store(store: ProductStore, heads: Heads, batch_size: int = 256) -> int:
+    """The fit's backfill: every product of `store` gets the projection and predictions of
+    `heads` (ProductStore.annotate reads and rewrites whole rows in batches). Returns rows
+    written. BackendUnavailable when Milvus fails."""
+
+    def annotate(image: np.ndarray, colour: np.ndarray):
+        projected, predictions = annotations(heads, image, colour)
+        if projected is None:
+            projected = np.zeros((len(image), heads.text_dim), np.float32)
+        return projected, predictions
+
+    return store.annotate(annotate, heads.version, batch_size)
+
+
+def found_by(hits: Sequence[Hit], k: int) -> list[str]:
+    """For hits of a words-and-photos search (`signals` `text` and `photo` cosines), which
+    similarity found each: "text" or "photo" when it alone ranks the product among the k best
+    of these hits, "both" when both do; otherwise the one that ranks it higher."""
+    text = np.array([h.signals["text"] for h in hits], np.float64)
+    photo = np.array([h.signals["photo"] if h.signals["photo"] > 0 else -np.inf for h in hits])
+    text_rank = np.argsort(np.argsort(-text, kind="stable"), kind="stable")
+    photo_rank = np.argsort(np.argsort(-photo, kind="stable"), kind="stable")
+    sources = []
+    for t, p, has_photo in zip(text_rank, photo_rank, np.isfinite(photo), strict=True):
+        by_text, by_photo = t < k, p < k and has_photo
+        if by_text and by_photo:
+            sources.append("both")
+        elif by_text or by_photo:
+            sources.append("text" if by_text else "photo")
+        else:
+            sources.append("photo" if has_photo and p < t else "text")
+    return sources
+
+
+def rank_words_and_photos(hits: Sequence[Hit], recognised: dict[str, list[str]], k: int,
+                          explain: bool = False) -> list[Hit]:
+    """The k best of a words-and-photos search (ProductStore.text_and_photo_search), best
+    first. `score` (0..1, what the list is ordered by): the fused rank score (RRF over the
+    titles and the projected photos, 1 = first in both) averaged with the evidence of each
+    attribute value the query named (`recognised`: field -> values; query.attribute_evidence:
+    the product's own label, else its stored prediction's confidence). `found_by` says which
+    similarity found it; with `explain`, `text` and `photo` cosines, `fused`, `evidence`."""
+    best = 2.0 / (RRF_K + 1)  # first in both lists
+    sources = found_by(hits, k) if hits else []
+    ranked = []
+    for hit, source in zip(hits, sources, strict=True):
+        predicted = {f: (p.value, p.confidence) for f, p in hit.product.predicted.items()}
+        evidence = attribute_evidence(hit.product.model_dump(include=set(recognised)),
+                                      recognised, predicted)
+        fused = min(hit.score / best, 1.0)
+        score = text_score(fused, evidence)
+        signals = None
+        if explain:
+            signals = {**(hit.signals or {}), "fused": fused, "evidence": evidence,
+                       "recognised": {f: v for f, v in recognised.items()
+                                      if getattr(hit.product, f) in v},
+                       "predicted_used": {f: list(predicted[f]) for f in recognised
+                                          if f in predicted and not getattr(hit.product, f)},
+                       "found_by": source, "score": score}
+        ranked.append(Hit(hit.product, score, signals=signals, found_by=source))
+    ranked.sort(key=lambda h: -h.score)
+    return ranked[:k]

@@ -13,6 +13,9 @@ from pydantic_core import PydanticCustomError
 STRING_FIELDS = (
     "category", "subcategory", "article_type", "colour", "size", "gender", "season", "usage",
 )
+# Fields the fitted heads (deployments.core.heads) may predict from a photo; each product's
+# predicted value and its confidence are stored apart from the shop's own labels.
+PREDICTED_FIELDS = tuple(f for f in STRING_FIELDS if f != "size")
 ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,63}$"
 # The longest value of each stored string field, in characters: the one list of string limits.
 # The store sizes each VARCHAR (whose max_length a Milvus server counts in UTF-8 bytes) at
@@ -60,6 +63,14 @@ def _check_json_numbers(value: Any, where: str) -> None:
             _check_json_numbers(item, f"{where}[{i}]")
 
 
+class Prediction(BaseModel):
+    """A value the fitted heads predict for a product from its photo, with its calibrated
+    probability (0..1)."""
+
+    value: str
+    confidence: float = Field(ge=0, le=1)
+
+
 class Product(BaseModel):
     """A catalogue product as stored and returned (without its vectors)."""
 
@@ -82,6 +93,9 @@ class Product(BaseModel):
                             description="SHA-256 of the photo bytes")
     fingerprint: str = Field("", max_length=STRING_LIMITS["fingerprint"],
                              description="Hash of photo + fields (re-index)")
+    predicted: dict[str, Prediction] = Field(
+        default_factory=dict, description="What the fitted heads predict from the photo, per "
+        "field (kept apart from the shop's labels; written by the service, never sent)")
 
     @field_validator("title", *STRING_FIELDS, mode="before")
     @classmethod
@@ -103,7 +117,7 @@ class Product(BaseModel):
 
     def content_fingerprint(self) -> str:
         """Hash of everything stored about the product: unchanged rows are skipped on re-index."""
-        content = self.model_dump_json(exclude={"image_ref", "fingerprint"})
+        content = self.model_dump_json(exclude={"image_ref", "fingerprint", "predicted"})
         return hashlib.sha256(content.encode()).hexdigest()
 
     def public_attributes(self) -> dict[str, Any]:

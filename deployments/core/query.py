@@ -143,3 +143,28 @@ def attribute_match(labels: Mapping[str, str], filters: Mapping[str, Sequence[st
     if not filters:
         return 1.0
     return sum(labels.get(name, "") in values for name, values in filters.items()) / len(filters)
+
+
+def attribute_evidence(labels: Mapping[str, str], filters: Mapping[str, Sequence[str]],
+                       predicted: Mapping[str, tuple[str, float]] | None = None,
+                       ) -> dict[str, float]:
+    """Per recognised field, how much a product shows the value a query named, 0..1: 1 when
+    its own label is one of the values; when it has no label of that field, the confidence of
+    its stored predicted value (`predicted`: field -> (value, probability)) if that is one of
+    them; else 0. A label of its own always wins over a prediction."""
+    evidence = {}
+    for name, values in filters.items():
+        own = labels.get(name, "")
+        value, confidence = (predicted or {}).get(name, ("", 0.0))
+        if own:
+            evidence[name] = 1.0 if own in values else 0.0
+        else:
+            evidence[name] = float(confidence) if value and value in values else 0.0
+    return evidence
+
+
+def text_score(similarity: float, evidence: Mapping[str, float]) -> float:
+    """The score a text search ranks by, 0..1: the attribute evidence of each recognised field
+    and the similarity (clipped to 0..1), averaged. A product matching every named value ranks
+    above any matching fewer (on the same footing otherwise), then by similarity."""
+    return (sum(evidence.values()) + min(max(similarity, 0.0), 1.0)) / (len(evidence) + 1)

@@ -9,6 +9,7 @@ Milvus fails (from the store).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 from collections.abc import Sequence
@@ -23,13 +24,20 @@ from deployments.core.errors import InvalidInput, NotFound
 from deployments.core.filters import Filters
 from deployments.core.heads import Heads
 from deployments.core.images import decode_image
-from deployments.core.learned import fuse, mix_attributes, photo_query, with_known_labels
+from deployments.core.learned import mix_attributes, rank_words_and_photos, with_known_labels
 from deployments.core.media import MediaStore
 from deployments.core.products import STRING_FIELDS, Product
-from deployments.core.query import AttributeVocabulary
+from deployments.core.query import AttributeVocabulary, attribute_evidence, text_score
 from deployments.core.ranking import Candidate, Weights, query_signals, rerank
 from deployments.core.settings import RankingSettings
-from deployments.core.store import Hit, ProductStore, VectorField, filter_expression, literal
+from deployments.core.store import (
+    Hit,
+    ProductStore,
+    VectorField,
+    filter_expression,
+    literal,
+    recognised_expression,
+)
 from deployments.core.writes import write_products
 
 log = logging.getLogger(__name__)
@@ -178,48 +186,68 @@ class Searcher:
         """Products that match a description (`vector`: its (dim,) float32 text embedding).
         Attribute words of the catalogue's own vocabulary ("black", "casual shoes", "men")
         become filters unless the shopper set that field; if they leave fewer than k products,
-        the rest come from the search without them."""
+        the rest come from the search without them. With fitted heads (an alignment head),
+        titles and stored projected photos are searched together (`by_words_and_photos`)."""
         heads = self.heads
         if heads is not None and heads.projection is not None:
-            # Titles and photos together: the text search, and the image index searched by the
-            # words mapped into image space (deployments.core.learned), fused by rank.
-            words = self._by_text(vector, text, k, filters, explain)
-            photos = self.nearest("image", photo_query(heads, vector), max(
-                k, self.ranking.hybrid_depth), filters)
-            return _stamp(fuse(words, photos, k, explain), heads)
+            return _stamp(self.by_words_and_photos(vector, text, k, filters, explain), heads)
         return self._by_text(vector, text, k, filters, explain)
+
+    def by_words_and_photos(self, vector: np.ndarray, text: str, k: int,
+                            filters: Filters | None = None, explain: bool = False) -> list[Hit]:
+        """With fitted heads: titles and projected photos searched together (one Milvus hybrid
+        search, each list max(k, ranking.hybrid_depth) deep), so an untitled product is found
+        by its pixels. Attribute words the query names narrow the search to products showing
+        them by their own label or, lacking one, by their stored prediction (topped up without
+        them when fewer than k remain); learned.rank_words_and_photos orders the result."""
+        filters = filters or Filters()
+        recognised = self.recognised(text, filters)
+        depth = max(k, self.ranking.hybrid_depth)
+        narrowed = self.expression(filters, recognised_expression(recognised))
+        hits = self.store.text_and_photo_search(vector, k, narrowed, depth)
+        if recognised and len(hits) < k:  # top up from the search without the named values
+            seen = tuple(h.product.id for h in hits)
+            hits += self.store.text_and_photo_search(vector, k - len(hits),
+                                                     self.expression(filters), depth, seen)
+        return rank_words_and_photos(hits, recognised, k, explain)
 
     def _by_text(self, vector: np.ndarray, text: str, k: int, filters: Filters | None = None,
                  explain: bool = False) -> list[Hit]:
         filters = filters or Filters()
-        parsed = (self.vocabulary.snapshot.parser.parse(text)
-                  if self.ranking.text_attributes else None)
-        extra = {f: v for f, v in (parsed.filters if parsed else {}).items()
-                 if not getattr(filters, f)}
-        if not extra:
-            return self.nearest("text", vector, k, filters)
+        extra = self.recognised(text, filters)
+        if not extra:  # ranked by the text cosine: that is the score
+            return _explain_text(self.nearest("text", vector, k, filters), {}, explain)
         hits = self.nearest("text", vector, k, filters.model_copy(update=extra))
         if len(hits) < k:  # top up from the search without the recognised words
             seen = tuple(h.product.id for h in hits)
             hits += self.nearest("text", vector, k - len(hits), filters, seen)
-        if explain:
-            for hit in hits:
-                hit.signals = {"text": hit.score, "recognised": {
-                    f: v for f, v in extra.items() if getattr(hit.product, f) in v}}
-        return hits
+        return _explain_text(hits, extra, explain)
+
+    def recognised(self, text: str, filters: Filters) -> dict[str, list[str]]:
+        """Attribute values of the catalogue's vocabulary named in `text`, for the fields the
+        shopper did not filter by themselves (field -> values)."""
+        parsed = (self.vocabulary.snapshot.parser.parse(text)
+                  if self.ranking.text_attributes else None)
+        return {f: v for f, v in (parsed.filters if parsed else {}).items()
+                if not getattr(filters, f)}
 
     def hybrid(self, features: ImageFeatures, text_vector: np.ndarray, k: int,
                filters: Filters | None = None, ranker: str = "rrf",
-               image_weight: float = 0.5) -> list[Hit]:
+               image_weight: float = 0.5, explain: bool = False) -> list[Hit]:
         """Top-k products by photo and text similarity fused by Milvus hybrid search (RRF or
-        weighted): the one fusion of photo + description, for the API and the page. Each
-        list is max(k, ranking.hybrid_depth) deep: fusing much deeper lists lets products
-        middling at both outrank the best match of either (on the demo catalogue, at depth 50 a
-        photo's own product left the top 12 for "dress"), while k = 5 deep leaves too few
-        products found by both for "black dress" (tests/test_service.py)."""
-        return self.store.hybrid_search(features.vector, text_vector, k,
+        weighted): the one fusion of photo + description, for the API and the page. `score` is
+        the fused score the list is ordered by; with `explain`, the `visual` and `text` cosines
+        beside it. Each list is max(k, ranking.hybrid_depth) deep: fusing much deeper lists
+        lets products middling at both outrank the best match of either (on the demo
+        catalogue, at depth 50 a photo's own product left the top 12 for "dress"), while k = 5
+        deep leaves too few products found by both for "black dress" (tests/test_service.py)."""
+        hits = self.store.hybrid_search(features.vector, text_vector, k,
                                         self.expression(filters), ranker, image_weight,
-                                        candidates=max(k, self.ranking.hybrid_depth))
+                                        candidates=max(k, self.ranking.hybrid_depth),
+                                        similarities=explain)
+        for hit in hits if explain else ():
+            hit.signals = {**(hit.signals or {}), "score": hit.score, "fused_by": ranker}
+        return hits
 
     def similar(self, product_id: str, k: int, filters: Filters | None = None,
                 explain: bool = False) -> list[Hit]:
@@ -272,9 +300,10 @@ class Searcher:
                colour_vectors: np.ndarray | None = None) -> list[Product]:
         """Insert-or-replace products by id with their photos and vectors ((n, dim) float32,
         L2-normalised; colour (n, COLOUR_DIMS) float32). Seals the segment every
-        FLUSH_EVERY_ROWS rows. Returns the products as stored."""
+        FLUSH_EVERY_ROWS rows. With heads in use, each also gets its projected photo and
+        predicted attributes. Returns the products as stored."""
         stored = write_products(self.store, self.media, products, images, image_vectors,
-                                text_vectors, colour_vectors)
+                                text_vectors, colour_vectors, heads=self.heads)
         self.vocabulary.add(stored)
         with self._flush_lock:
             self._unflushed += len(stored)
@@ -296,6 +325,26 @@ class Searcher:
         self.vocabulary.mark_stale()
 
 
+def _explain_text(hits: list[Hit], recognised: dict[str, list[str]],
+                  explain: bool) -> list[Hit]:
+    """Text hits scored and ordered by `query.text_score` (the text cosine and the evidence of
+    the values the query named; the cosine alone when it named none), best first; with
+    `explain`, `text` (the cosine), `recognised` (the named values a product's own labels
+    match), `evidence` per field and `score`."""
+    scored = []
+    for hit in hits:
+        evidence = attribute_evidence(hit.product.model_dump(include=set(recognised)),
+                                      recognised)
+        score = text_score(hit.score, evidence) if recognised else hit.score
+        signals = None
+        if explain:
+            signals = {"text": hit.score, "recognised": {
+                f: v for f, v in recognised.items() if getattr(hit.product, f) in v},
+                "evidence": evidence, "score": score}
+        scored.append(dataclasses.replace(hit, score=score, signals=signals))
+    return sorted(scored, key=lambda h: -h.score)
+
+
 def _stamp(hits: list[Hit], heads: Heads | None) -> list[Hit]:
     """Mark hits with the heads artifact that ranked them."""
     if heads is not None:
@@ -307,11 +356,13 @@ def _stamp(hits: list[Hit], heads: Heads | None) -> list[Hit]:
 def rerank_hits(pool: list[Hit], colour: np.ndarray | None, k: int, weights: Weights,
                 explain: bool, appearance: np.ndarray | None = None,
                 prior: tuple[dict[str, dict[str, float]], float] | None = None) -> list[Hit]:
-    """The k best of a pool of vector hits by the ranking signals (deployments.core.ranking);
-    each keeps its visual cosine as `score`, with per-signal scores when `explain`.
-    `appearance` (a query photo without colour): per hit, its grey likeness, in colour's place.
-    `prior` (fitted heads): the query's predicted attributes and their weight beside the votes;
-    `score` is then the score the list is ordered by."""
+    """The k best of a pool of vector hits by the ranking signals (deployments.core.ranking).
+    Each hit's `score` is the score the list is ordered by: the weighted signals over the sum
+    of the weights (0..1, descending down the list); with `explain`, the per-signal scores
+    (`visual`: the image cosine, `colour`, `article_type`, `colour_label`: the attribute
+    evidence). `appearance` (a query photo without colour): per hit, its grey likeness, in
+    colour's place. `prior` (fitted heads): the query's predicted attributes and their weight
+    beside the neighbour votes."""
     candidates = [Candidate(h.product.id, h.score, {"article_type": h.product.article_type,
                                                      "colour": h.product.colour}, h.colour, h)
                   for h in pool]
@@ -320,14 +371,12 @@ def rerank_hits(pool: list[Hit], colour: np.ndarray | None, k: int, weights: Wei
     if prior is not None:  # the query photo's predicted attributes beside the neighbour votes
         query.attributes = mix_attributes(query.attributes, *prior)
     hits = []
-    # With fitted heads (`prior`), `score` is what the list is ordered by (the weighted signals
-    # over the sum of the weights: 0..1, descending); without, the visual cosine as before.
     total = sum(weights.__dict__.values()) or 1.0
     for candidate, signals in rerank(candidates, query, weights)[:k]:
-        score = signals["score"] / total if prior is not None else candidate.item.score
+        score = min(signals["score"] / total, 1.0)  # a cosine may round above 1
         hit = Hit(candidate.item.product, score)
         if explain:
-            hit.signals = {**signals, "inferred": {
+            hit.signals = {**signals, "score": score, "inferred": {
                 field: max(probs, key=probs.get) for field, probs in query.attributes.items()
                 if probs}}
             if prior is not None:
@@ -337,4 +386,3 @@ def rerank_hits(pool: list[Hit], colour: np.ndarray | None, k: int, weights: Wei
                 hit.signals["photo_has_colour"] = False
         hits.append(hit)
     return hits
-

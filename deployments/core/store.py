@@ -14,7 +14,7 @@ import json
 import logging
 import threading
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -35,7 +35,14 @@ from deployments.core import lite_search
 from deployments.core.colour import COLOUR_DIMS
 from deployments.core.errors import BackendUnavailable, IncompatibleStore, InvalidInput
 from deployments.core.filters import Filters
-from deployments.core.products import STRING_FIELDS, STRING_LIMITS, UTF8_MAX_BYTES, Product
+from deployments.core.products import (
+    PREDICTED_FIELDS,
+    STRING_FIELDS,
+    STRING_LIMITS,
+    UTF8_MAX_BYTES,
+    Prediction,
+    Product,
+)
 from deployments.core.settings import MilvusSettings
 from deployments.core.versions import PROVENANCE_KEY
 
@@ -43,20 +50,34 @@ log = logging.getLogger(__name__)
 
 VectorField = Literal["image", "text"]
 VECTOR_FIELDS = {"image": "image_vector", "text": "text_vector"}
+# What the fitted heads predict, apart from the shop's labels: per field its value
+# (`predicted_colour`, VARCHAR, "" = none) and confidence (`predicted_colour_p`, FLOAT 0..1), and
+# the heads version that wrote them (`predicted_by`, "" = none: no prediction, no projection).
+PREDICTED_VALUE = {name: f"predicted_{name}" for name in PREDICTED_FIELDS}
+PREDICTED_CONFIDENCE = {name: f"predicted_{name}_p" for name in PREDICTED_FIELDS}
+PREDICTED_BY = "predicted_by"
+PREDICTION_FIELDS = (*PREDICTED_VALUE.values(), *PREDICTED_CONFIDENCE.values(), PREDICTED_BY)
 SCALAR_FIELDS = (
     "id", "title", *STRING_FIELDS, "price", "attributes", "image_ref", "image_hash", "fingerprint",
+    *PREDICTION_FIELDS,
 )
 # VARCHAR max_length counts UTF-8 bytes on a Milvus server (Milvus Lite counts characters):
 # room for the longest value Product accepts (STRING_LIMITS, in characters) in any script.
-VARCHAR_BYTES = {name: chars * UTF8_MAX_BYTES for name, chars in STRING_LIMITS.items()}
+VARCHAR_BYTES = {name: chars * UTF8_MAX_BYTES for name, chars in STRING_LIMITS.items()} | {
+    PREDICTED_VALUE[name]: STRING_LIMITS[name] * UTF8_MAX_BYTES for name in PREDICTED_FIELDS} | {
+    PREDICTED_BY: 64}
 # Scalar field types of the schema (prices DOUBLE: read back exactly as sent).
 SCALAR_TYPES = {name: DataType.VARCHAR for name in VARCHAR_BYTES} | {
-    "price": DataType.DOUBLE, "attributes": DataType.JSON}
+    "price": DataType.DOUBLE, "attributes": DataType.JSON} | {
+    name: DataType.FLOAT for name in PREDICTED_CONFIDENCE.values()}
 REBUILD = ("rebuild it: `python -m batch_index drop` (same --milvus-uri / --collection), then "
            "index the catalogue again with `python -m batch_index index --catalog ...`")
 
 
 COLOUR_FIELD = "colour_vector"
+# Each product's photo projected into the text space by the fitted heads (Heads.project, text_dim,
+# L2-normalised), so text queries find it by its pixels; all zero until heads have written it.
+PHOTO_TEXT_FIELD = "photo_text_vector"
 # What re-ranking reads of each pool candidate (searcher.by_image): labels, the photo (grey
 # likeness) and its hash; with the colour descriptor. Full products only for the k returned.
 POOL_FIELDS = ("id", "title", "article_type", "colour", "image_ref", "image_hash")
@@ -96,6 +117,13 @@ def _colour(entity: dict[str, Any]) -> np.ndarray | None:
     return vector if vector.size and vector.any() else None
 
 
+def _cosine(query: np.ndarray, stored: Sequence[float]) -> float:
+    """Cosine of a query vector and a stored one (0 when either is all zero)."""
+    vector = np.asarray(stored, np.float32)
+    norm = float(np.linalg.norm(query) * np.linalg.norm(vector))
+    return float(query @ vector / norm) if norm > 0 else 0.0
+
+
 def filter_expression(filters: Filters, vocabulary: dict[str, dict[str, str]] | None = None) -> str:
     """A Milvus boolean expression for the filters, every value escaped. `vocabulary` maps a
     field's lower-cased values to the catalogue's spelling, so `red` finds `Red`."""
@@ -113,6 +141,27 @@ def filter_expression(filters: Filters, vocabulary: dict[str, dict[str, str]] | 
     for name, values in filters.attributes.items():
         path = f"attributes[{literal(name)}]"  # JSON paths take == only, not `in`
         clauses.append("(" + " or ".join(f"{path} == {literal(v)}" for v in values) + ")")
+    for name, values in filters.predicted.items():  # the heads' predictions, not the labels
+        known = vocabulary.get(name, {})
+        clauses.append(expr_in(PREDICTED_VALUE[name], [known.get(v.lower(), v) for v in values]))
+        if filters.predicted_confidence_min is not None:
+            # Confidences are stored as FLOAT (float32): 0.2825 is kept as 0.28249999..., so
+            # the bound is compared at that precision (a shown confidence filters itself in).
+            bound = float(np.float32(filters.predicted_confidence_min)) - 1e-7
+            clauses.append(f"{PREDICTED_CONFIDENCE[name]} >= {literal(bound)}")
+    return " and ".join(clauses)
+
+
+def recognised_expression(recognised: dict[str, list[str]]) -> str:
+    """Products that show every value a text query named (field -> values, in the catalogue's
+    spelling): by their own label, or, where they have no label of that field, by the value
+    the fitted heads predicted from their photo. Every value escaped."""
+    clauses = []
+    for name, values in recognised.items():
+        own = expr_in(name, values)
+        if name in PREDICTED_VALUE:
+            own = f"({own} or ({name} == \"\" and {expr_in(PREDICTED_VALUE[name], values)}))"
+        clauses.append(own)
     return " and ".join(clauses)
 
 
@@ -228,8 +277,15 @@ class ProductStore:
         schema.add_field("image_vector", DataType.FLOAT_VECTOR, dim=image_dim)
         schema.add_field("text_vector", DataType.FLOAT_VECTOR, dim=text_dim)
         schema.add_field(COLOUR_FIELD, DataType.FLOAT_VECTOR, dim=COLOUR_DIMS)
+        for name in PREDICTED_FIELDS:
+            schema.add_field(PREDICTED_VALUE[name], DataType.VARCHAR,
+                             max_length=VARCHAR_BYTES[PREDICTED_VALUE[name]], default_value="")
+            schema.add_field(PREDICTED_CONFIDENCE[name], DataType.FLOAT, default_value=0.0)
+        schema.add_field(PREDICTED_BY, DataType.VARCHAR, max_length=VARCHAR_BYTES[PREDICTED_BY],
+                         default_value="")
+        schema.add_field(PHOTO_TEXT_FIELD, DataType.FLOAT_VECTOR, dim=text_dim)
         index = self._client.prepare_index_params()
-        for field in VECTOR_FIELDS.values():
+        for field in (*VECTOR_FIELDS.values(), PHOTO_TEXT_FIELD):
             index.add_index(
                 field, index_type=self.settings.index_type, metric_type=self.settings.metric,
                 params=self.settings.index_params,
@@ -246,14 +302,9 @@ class ProductStore:
 
     def _check_schema(self, image_dim: int, text_dim: int) -> None:
         fields = self._client.describe_collection(self.collection)["fields"]
-        missing = {*SCALAR_FIELDS, COLOUR_FIELD} - {f["name"] for f in fields}
-        if missing:
-            raise IncompatibleStore(
-                f"collection {self.collection!r} lacks fields {sorted(missing)} (made by an older "
-                f"version); {REBUILD}",
-            )
         # An earlier schema kept prices as FLOAT (19.99 read back as 19.989999771118164) and
-        # sized VARCHARs in characters: serving from it would give wrong answers.
+        # sized VARCHARs in characters, and had no fields for fitted heads (schema 3): serving
+        # from it would give wrong answers or fail on writes.
         wrong = []
         for field in fields:
             name, kind = field["name"], DataType(field["type"])
@@ -264,13 +315,17 @@ class ProductStore:
                 size = int(field.get("params", {}).get("max_length", 0))
                 if size < VARCHAR_BYTES[name]:
                     wrong.append(f"{name} holds {size} bytes, not {VARCHAR_BYTES[name]}")
+        missing = {*SCALAR_FIELDS, COLOUR_FIELD, PHOTO_TEXT_FIELD} - {f["name"] for f in fields}
+        if missing:
+            wrong.append(f"it lacks fields {sorted(missing)}")
         if wrong:
             raise IncompatibleStore(
                 f"collection {self.collection!r} was made by an earlier schema "
                 f"({'; '.join(wrong)}); {REBUILD}",
             )
         dims = {f["name"]: f.get("params", {}).get("dim") for f in fields}
-        expected = {"image_vector": image_dim, "text_vector": text_dim}
+        expected = {"image_vector": image_dim, "text_vector": text_dim,
+                    PHOTO_TEXT_FIELD: text_dim}
         for name, dim in expected.items():
             if dims.get(name) is not None and int(dims[name]) != dim:
                 raise IncompatibleStore(
@@ -346,8 +401,12 @@ class ProductStore:
     def all_products(self) -> list[Product]:
         """Every product of this collection (a rebuild's input), in storage order."""
         found: list[Product] = []
+        # A collection of an older schema (a rebuild's source) lacks the newer fields.
+        present = {f["name"] for f in self._client.describe_collection(
+            self.collection, **self._read)["fields"]}
         iterator = self._client.query_iterator(self.collection, batch_size=4096,
-                                               output_fields=list(SCALAR_FIELDS),
+                                               output_fields=[f for f in SCALAR_FIELDS
+                                                              if f in present],
                                                **self._write)
         while batch := iterator.next():
             found += [self._product(r) for r in batch]
@@ -382,27 +441,80 @@ class ProductStore:
     @_backend_errors
     def upsert(
         self, products: Sequence[Product], image_vectors: np.ndarray, text_vectors: np.ndarray,
-        colour_vectors: np.ndarray | None = None,
+        colour_vectors: np.ndarray | None = None, photo_text_vectors: np.ndarray | None = None,
+        predicted_by: str = "",
     ) -> int:
         """Insert or replace products by id with their vectors (image (n, image_dim), text
         (n, text_dim) float32, L2-normalised; colour (n, COLOUR_DIMS) float32); returns rows
         written. Without colour descriptors, products simply get no colour signal in
-        re-ranking. ValueError when the lengths differ; BackendUnavailable when Milvus fails."""
+        re-ranking. `photo_text_vectors` (n, text_dim) float32: the photos projected by the
+        fitted heads `predicted_by` (a version), which also made each product's `predicted`
+        values (without them: an all-zero projection, which no search uses).
+        ValueError when the lengths differ; BackendUnavailable when Milvus fails."""
+        n = len(products)
         if colour_vectors is None:
-            colour_vectors = np.zeros((len(products), COLOUR_DIMS), dtype=np.float32)
-        if not (len(products) == len(image_vectors) == len(text_vectors) == len(colour_vectors)):
+            colour_vectors = np.zeros((n, COLOUR_DIMS), dtype=np.float32)
+        if photo_text_vectors is None:  # no alignment head: no projection to search
+            photo_text_vectors = np.zeros((n, np.shape(text_vectors)[-1]), dtype=np.float32)
+        lengths = {len(image_vectors), len(text_vectors), len(colour_vectors),
+                   len(photo_text_vectors)}
+        if lengths != {n}:
             raise ValueError("products and vectors differ in length")
         if not products:
             return 0
         rows = [
-            {**p.model_dump(), "image_vector": iv.tolist(), "text_vector": tv.tolist(),
-             COLOUR_FIELD: cv.tolist()}
-            for p, iv, tv, cv in zip(products, image_vectors, text_vectors, colour_vectors,
-                                     strict=True)
+            {**p.model_dump(exclude={"predicted"}), **_prediction_columns(p, predicted_by),
+             "image_vector": iv.tolist(), "text_vector": tv.tolist(), COLOUR_FIELD: cv.tolist(),
+             PHOTO_TEXT_FIELD: pv.tolist()}
+            for p, iv, tv, cv, pv in zip(products, image_vectors, text_vectors, colour_vectors,
+                                         photo_text_vectors, strict=True)
         ]
         with self._write_lock:
             result = self._client.upsert(self.collection, rows, **self._write)
         return int(result.get("upsert_count", len(rows)))
+
+    @_backend_errors
+    def annotate(self, annotator: Callable[[np.ndarray, np.ndarray], tuple[
+                 np.ndarray, list[dict[str, Prediction]]]], predicted_by: str,
+                 batch_size: int = 256) -> int:
+        """Give every stored product its projected photo vector and predicted attributes from
+        fitted heads (`predicted_by`: their version). `annotator(image (n, image_dim), colour
+        (n, COLOUR_DIMS))` returns the projected vectors ((n, text_dim) float32, L2-normalised)
+        and per product its predictions. Milvus upserts whole rows, so each batch of products
+        is read in full and written back, under the write lock (a write by another process
+        between the read and the write of a batch would be undone: run it when the catalogue
+        is quiet, or through the service that owns the store). Returns rows written."""
+        ids = [r["id"] for r in self._query_all(["id"], batch_size)]
+        fields = [*SCALAR_FIELDS, *VECTOR_FIELDS.values(), COLOUR_FIELD]
+        written = 0
+        for start in range(0, len(ids), batch_size):
+            with self._write_lock:
+                rows = self._client.query(self.collection, filter=expr_in(
+                    "id", ids[start: start + batch_size]), output_fields=fields,
+                    consistency_level="Strong", **self._write)
+                if not rows:
+                    continue
+                image = np.asarray([r["image_vector"] for r in rows], np.float32)
+                colour = np.asarray([r[COLOUR_FIELD] for r in rows], np.float32)
+                projected, predictions = annotator(image, colour)
+                for row, vector, predicted in zip(rows, projected, predictions, strict=True):
+                    row.update(_prediction_columns(Product.model_construct(
+                        predicted=predicted), predicted_by))
+                    row[PHOTO_TEXT_FIELD] = np.asarray(vector, np.float32).tolist()
+                    row.pop("$meta", None)
+                result = self._client.upsert(self.collection, rows, **self._write)
+            written += int(result.get("upsert_count", len(rows)))
+        return written
+
+    def _query_all(self, fields: list[str], batch_size: int = 4096) -> list[dict[str, Any]]:
+        """Every row of the collection, only `fields`."""
+        rows: list[dict[str, Any]] = []
+        iterator = self._client.query_iterator(self.collection, batch_size=batch_size,
+                                               output_fields=fields, **self._write)
+        while batch := iterator.next():
+            rows.extend(batch)
+        iterator.close()
+        return rows
 
     @_backend_errors
     def flush(self) -> None:
@@ -603,24 +715,85 @@ class ProductStore:
     def hybrid_search(
         self, image_vector: np.ndarray, text_vector: np.ndarray, k: int, filter: str = "",
         ranker: Literal["rrf", "weighted"] = "rrf", image_weight: float = 0.5,
-        candidates: int = 100,
+        candidates: int = 100, similarities: bool = False,
     ) -> list[Hit]:
         """Fuse an image-vector and a text-vector search ((image_dim,) and (text_dim,) float32,
-        L2-normalised) by RRF or weighted scores, best first; `score` is the fused score."""
+        L2-normalised) by RRF or weighted scores, best first; `score` is the fused score.
+        `similarities`: each hit's `signals` also hold its `visual` and `text` cosines."""
         params = {"metric_type": self.settings.metric, "params": self.settings.search_params}
-        requests = [
-            AnnSearchRequest([np.asarray(v, np.float32).tolist()], VECTOR_FIELDS[field], params,
-                             max(k, candidates), filter=filter or None)
-            for field, v in (("image", image_vector), ("text", text_vector))
-        ]
+        queries = {"image": np.asarray(image_vector, np.float32),
+                   "text": np.asarray(text_vector, np.float32)}
+        requests = [AnnSearchRequest([v.tolist()], VECTOR_FIELDS[field], params,
+                                     max(k, candidates), filter=filter or None)
+                    for field, v in queries.items()]
         fuse = RRFRanker() if ranker == "rrf" else WeightedRanker(image_weight, 1 - image_weight)
+        fields = list(SCALAR_FIELDS) + (list(VECTOR_FIELDS.values()) if similarities else [])
+        result = self._client.hybrid_search(self.collection, requests, fuse, limit=k,
+                                            output_fields=fields, **self._read)
+        hits = []
+        for h in result[0]:
+            hit = Hit(self._product(h["entity"]), float(h["distance"]))
+            if similarities:
+                hit.signals = {"visual" if f == "image" else f: _cosine(
+                    q, h["entity"][VECTOR_FIELDS[f]]) for f, q in queries.items()}
+            hits.append(hit)
+        return hits
+
+    @_backend_errors
+    def text_and_photo_search(
+        self, text_vector: np.ndarray, k: int, filter: str = "", candidates: int = 100,
+        exclude_ids: Sequence[str] = (),
+    ) -> list[Hit]:
+        """Products found by words through their titles and their photos: one Milvus hybrid
+        search (RRF) of the text vectors and the projected photo vectors (PHOTO_TEXT_FIELD;
+        only products fitted heads have written) with one text vector ((text_dim,) float32,
+        L2-normalised). Each list is max(k, candidates) deep and every product either found is
+        returned, best first by fused score (`score`), its `signals` holding its `text` and
+        `photo` cosines to the query (so a caller can tell which list found it)."""
+        depth = max(k, candidates)
+        clauses = [f"({filter})" if filter else "",
+                   f"not ({expr_in('id', exclude_ids)})" if exclude_ids else ""]
+        text_filter = " and ".join(c for c in clauses if c)
+        photo_filter = " and ".join(c for c in [*clauses, f'{PREDICTED_BY} != ""'] if c)
+        query = np.asarray(text_vector, np.float32)
+        params = {"metric_type": self.settings.metric, "params": self.settings.search_params}
+        requests = [AnnSearchRequest([query.tolist()], field, params, depth, filter=expr or None)
+                    for field, expr in ((VECTOR_FIELDS["text"], text_filter),
+                                        (PHOTO_TEXT_FIELD, photo_filter))]
         result = self._client.hybrid_search(
-            self.collection, requests, fuse, limit=k, output_fields=list(SCALAR_FIELDS),
+            self.collection, requests, RRFRanker(), limit=2 * depth,
+            output_fields=[*SCALAR_FIELDS, VECTOR_FIELDS["text"], PHOTO_TEXT_FIELD],
             **self._read)
-        return [Hit(self._product(h["entity"]), float(h["distance"])) for h in result[0]]
+        return [Hit(self._product(h["entity"]), float(h["distance"]), signals={
+                    "text": _cosine(query, h["entity"][VECTOR_FIELDS["text"]]),
+                    "photo": _cosine(query, h["entity"][PHOTO_TEXT_FIELD])})
+                for h in result[0]]
 
     @staticmethod
     def _product(row: dict[str, Any]) -> Product:
-        data = {k: row.get(k) for k in SCALAR_FIELDS if k in row}
+        data = {k: row.get(k) for k in SCALAR_FIELDS if k in row and k not in PREDICTION_FIELDS}
         data["attributes"] = data.get("attributes") or {}
+        data["predicted"] = _predictions(row)
         return Product.model_validate(data)
+
+
+def _prediction_columns(product: Product, predicted_by: str) -> dict[str, Any]:
+    """The stored prediction columns of a product: every PREDICTED_FIELDS value and confidence
+    ("" and 0 where the heads predict nothing), and which heads made them."""
+    columns: dict[str, Any] = {PREDICTED_BY: predicted_by if product.predicted else ""}
+    for name in PREDICTED_FIELDS:
+        prediction = product.predicted.get(name)
+        columns[PREDICTED_VALUE[name]] = prediction.value if prediction else ""
+        columns[PREDICTED_CONFIDENCE[name]] = float(prediction.confidence) if prediction else 0.0
+    return columns
+
+
+def _predictions(row: dict[str, Any]) -> dict[str, Prediction]:
+    """The predictions stored in a row (fields without a predicted value left out)."""
+    found = {}
+    for name in PREDICTED_FIELDS:
+        value = row.get(PREDICTED_VALUE[name])
+        if value:
+            confidence = min(max(float(row.get(PREDICTED_CONFIDENCE[name]) or 0.0), 0.0), 1.0)
+            found[name] = Prediction(value=value, confidence=round(confidence, 4))
+    return found

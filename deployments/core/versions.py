@@ -29,8 +29,9 @@ from deployments.core.settings import ImageModelSettings, MilvusSettings, TextMo
 log = logging.getLogger(__name__)
 
 PROVENANCE_KEY = "shopsearch.provenance"
-# Bump when the collection schema changes (fields, types); 2: DOUBLE prices, byte-sized VARCHARs.
-SCHEMA_VERSION = 2
+# Bump when the collection schema changes (fields, types); 2: DOUBLE prices, byte-sized VARCHARs;
+# 3: predicted attributes and the projected photo vector of fitted heads (issue 13).
+SCHEMA_VERSION = 3
 # Bump when photo -> model pixels changes (padding, resize, normalisation) for the same weights.
 PREPROCESSING_VERSION = 1
 REBUILD_HINT = ("rebuild the index for the configured model beside the live one with "

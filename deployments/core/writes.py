@@ -10,6 +10,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from deployments.core.heads import Heads
+from deployments.core.learned import annotations
 from deployments.core.media import MediaStore
 from deployments.core.products import Product, image_hash
 from deployments.core.store import ProductStore
@@ -31,18 +33,27 @@ def write_products(
     store: ProductStore, media: MediaStore, products: Sequence[Product],
     images: Sequence[bytes], image_vectors: np.ndarray, text_vectors: np.ndarray,
     colour_vectors: np.ndarray | None = None, stamped: bool = False,
+    heads: Heads | None = None,
 ) -> list[Product]:
     """Store photos and upsert products (by id) with their vectors: image (n, image_dim) and
     text (n, text_dim) float32, L2-normalised; colour (n, COLOUR_DIMS) float32 or None. Row i
     of each belongs to products[i] and images[i]. `stamped`: the products already carry
     `stamp(product, image)` of these very images (the batch job stamps where it reads the
-    photo), so they are not hashed again. Returns the products as stored. ValueError when the
-    lengths differ; BackendUnavailable when Milvus fails."""
+    photo), so they are not hashed again. `heads` (fitted, in use): each product also gets its
+    projected photo vector and predicted attributes (learned.annotations). Returns the
+    products as stored. ValueError when the lengths differ; BackendUnavailable when Milvus
+    fails."""
     stored = []
     for product, image in zip(products, images, strict=True):
         if not stamped:
             product = stamp(product, image)
         ref = media.put(image, product.image_hash)
-        stored.append(product.model_copy(update={"image_ref": ref}))
-    store.upsert(stored, image_vectors, text_vectors, colour_vectors)
+        stored.append(product.model_copy(update={"image_ref": ref, "predicted": {}}))
+    if heads is None:
+        store.upsert(stored, image_vectors, text_vectors, colour_vectors)
+        return stored
+    projected, predictions = annotations(heads, image_vectors, colour_vectors)
+    stored = [p.model_copy(update={"predicted": predicted})
+              for p, predicted in zip(stored, predictions, strict=True)]
+    store.upsert(stored, image_vectors, text_vectors, colour_vectors, projected, heads.version)
     return stored

@@ -355,6 +355,18 @@
         facts.append(fact);
       }
     }
+    const predicted = item.predicted || {};
+    for (const key of ["colour", "article_type", "gender"]) {
+      const guess = predicted[key];
+      if (attributes[key] || !guess) continue;
+      const fact = element("span", "result-predicted",
+        `${guess.value}? predicted ${Math.round(guess.confidence * 100)}%`);
+      fact.dataset.field = key;
+      fact.dataset.value = guess.value;
+      fact.title = "Predicted from the photo (heads fitted on this catalogue), not the shop's "
+        + "own label";
+      facts.append(fact);
+    }
     if (item.found_by === "photo") {  // fitted heads: found by its pixels, not its words
       const badge = element("span", "result-found-by", "found by its photo");
       badge.title = "Its title does not match your words; its photo does";
@@ -370,7 +382,7 @@
       footer.append(price);
     }
     const score = element("span", "result-score");
-    score.title = "Similarity (cosine): 1 is identical";
+    score.title = "The score this list is ranked by: higher ranks first (1 is the best)";
     if (spec.mode === "both") {
       score.title = "Photo and description fused by rank (reciprocal rank fusion): higher is "
         + "closer to both";
