@@ -121,6 +121,10 @@ CALLS = {
     "search_pool": lambda s: s.search_pool(_V, "image", 200),
     "complete": lambda s: s.complete([Hit(_P, 1.0)]),
     "hybrid_search": lambda s: s.hybrid_search(_V, _T, 5),
+    "text_and_photo_search": lambda s: s.text_and_photo_search(_T, 5),
+    "annotate": lambda s: s.annotate(
+        lambda image, colour: (np.zeros((len(image), TEXT_DIM), np.float32), [{}] * len(image)),
+        "v1"),
 }
 
 
