@@ -204,15 +204,16 @@ def execute_search(
         recall(len(scope), mt_vecs, mt_mask, None)
 
     project = project_record_fn or _projection(output_fields, pk_field, vector_field)
-    columns = _columns(scope, output_fields, pk_field) if project_record_fn is None else None
+    columns = _columns(scope, output_fields, pk_field)
+    best = [sorted(candidates[q])[:top_k] for q in range(nq)]
+    rows = _segment_rows(scope, best, columns) if columns is not None else {}
     results = []
     for q in range(nq):
         row: list[dict] = []
-        for dist, source, local in sorted(candidates[q])[:top_k]:
+        for dist, source, local in best[q]:
             if source < len(scope):
                 segment = scope[source]
-                record = (segment.row_to_dict(local) if columns is None else
-                          {name: segment.table.column(name)[local].as_py() for name in columns})
+                record = rows.get((source, local)) or segment.row_to_dict(local)
                 pk = segment.pks[local]
             else:
                 record, pk = memtable.materialize_row(*mt_row_refs[local]), mt_pks[local]
@@ -239,13 +240,33 @@ def _memtable_mask(pks: list[Any], seqs: np.ndarray, snap: _Snapshot | None,
     return mask
 
 
+def _segment_rows(scope: tuple, best: list[list[tuple[float, int, int]]],
+                  columns: list[str]) -> dict[tuple[int, int], dict]:
+    """{(segment, row): {column: value}} of the segment rows among the hits, read a segment at a
+    time (one Arrow `take` of the needed columns, not a Python conversion per cell)."""
+    wanted: dict[int, list[int]] = {}
+    for hits in best:
+        for _, source, local in hits:
+            if source < len(scope):
+                wanted.setdefault(source, []).append(local)
+    rows = {}
+    for source, locals_ in wanted.items():
+        locals_ = sorted(set(locals_))
+        table = scope[source].table.select(columns).take(locals_)
+        for local, record in zip(locals_, table.to_pylist(), strict=True):
+            rows[(source, local)] = record
+    return rows
+
+
 def _columns(scope: tuple, output_fields: list[str] | None, pk_field: str) -> list[str] | None:
     """The stored columns a hit's entity is built from, when they are plain columns of every
     segment: the engine's `row_to_dict` converts every column of each hit to Python (a 1,280-d
     image vector, a 384-d text vector, ... per hit: most of a 200-hit search's time), only for
-    the projection to keep a few. None (convert the whole row, as the engine does) without
-    output fields, or when one is not a plain column (dynamic fields live in `$meta`)."""
-    if output_fields is None:
+    its projection (`project_record`, which reads the requested schema fields and the dynamic
+    ones) to keep a few. None (convert the whole row, as the engine does) without explicit
+    output fields, with a wildcard, or when one is not a plain column (a dynamic field lives in
+    `$meta`)."""
+    if not output_fields or any("*" in f for f in output_fields):
         return None
     wanted = [pk_field, *(f for f in dict.fromkeys(output_fields) if f != pk_field)]
     for segment in scope:
