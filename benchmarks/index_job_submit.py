@@ -23,22 +23,19 @@ from pathlib import Path
 import httpx
 
 from benchmarks.common import DATASET, OUT
-from benchmarks.rebuild_job import ROOT, agent_port, submit_when_ready
+from benchmarks.rebuild_job import agent_port
+from tests.support import ROOT, job_runtime_env, submit_when_ready, wait_for_job
 
 
 def run_job(client, name: str, entrypoint: str) -> dict:
     """Submit one job, wait for it; wall seconds (submit to end), status and its summary."""
     from ray.job_submission import JobStatus
 
-    python = sys.executable
     start = time.perf_counter()
     job = submit_when_ready(
-        client, submission_id=f"{name}-{os.getpid()}", entrypoint=f"{python} {entrypoint}",
-        runtime_env={"working_dir": str(ROOT), "py_executable": python,
-                     "excludes": [".venv", "data", ".git", "benchmarks/out"]})
-    while (status := client.get_job_status(job)) not in (
-            JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED):
-        time.sleep(0.2)
+        client, submission_id=f"{name}-{os.getpid()}", entrypoint=f"{sys.executable} {entrypoint}",
+        runtime_env=job_runtime_env())
+    status = wait_for_job(client, job)
     wall = time.perf_counter() - start
     logs = client.get_job_logs(job)
     summary = [line for line in logs.splitlines() if line.startswith("summary ")]

@@ -21,8 +21,6 @@ from pathlib import Path
 
 from benchmarks.common import OUT
 
-ROOT = Path(__file__).resolve().parents[1]
-
 
 def agent_port(port: int) -> None:
     """Give this local cluster's dashboard agent a free HTTP port. Jobs are submitted through
@@ -58,6 +56,7 @@ def main() -> None:
     from tests.support import (
         LiteServer,
         free_port,
+        job_runtime_env,
         perturbed_checkpoint,
         submit_when_ready,
         write_config,
@@ -93,8 +92,7 @@ def main() -> None:
             client, submission_id=f"rebuild-{os.getpid()}",
             entrypoint=f"{python} -m batch_index rebuild --config {config} "
                        f"--image-weights {weights} --via-service no",
-            runtime_env={"working_dir": str(ROOT), "py_executable": python,
-                         "excludes": [".venv", "data", ".git", "benchmarks/out"]})
+            runtime_env=job_runtime_env())
         result["job_submit_accepted_s"] = time.perf_counter() - start
         first_log = None
         while (status := client.get_job_status(job)) not in (

@@ -142,6 +142,31 @@ def write_config(path: Path, settings, app_name: str = "shopsearch") -> Path:
     return path
 
 
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def job_runtime_env() -> dict:
+    """The runtime env of a `ray job submit` of this project, as the README gives it: this
+    checkout uploaded as the working dir (without the venv, data and outputs) and this venv's
+    Python for the entrypoint's workers (`py_executable`)."""
+    return {"working_dir": str(ROOT), "py_executable": sys.executable,
+            "excludes": [".venv", "data", ".git", "benchmarks/out", "test-artifacts"]}
+
+
+def wait_for_job(client, job: str, timeout: float = float("inf"), poll_s: float = 0.2):
+    """The job's final JobStatus (SUCCEEDED, FAILED or STOPPED), polled every `poll_s`;
+    TimeoutError after `timeout` seconds."""
+    from ray.job_submission import JobStatus
+
+    deadline = time.monotonic() + timeout
+    while (status := client.get_job_status(job)) not in (
+            JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"job {job} still {status} after {timeout} s")
+        time.sleep(poll_s)
+    return status
+
+
 def submit_when_ready(client, timeout: float = 120, **job) -> str:
     """`JobSubmissionClient.submit_job`, retried while the job server has no agent yet (right
     after a cluster starts it answers 500 "No available agent to submit job"), up to `timeout`

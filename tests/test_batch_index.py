@@ -22,6 +22,7 @@ from deployments.core.heads import CURRENT, current_version, heads_folder
 from deployments.core.products import Product
 from deployments.core.store import ProductStore
 from deployments.core.writes import stamp
+from tests.support import write_config
 
 FIELDS = ["id", "title", "category", "subcategory", "article_type", "colour", "gender", "season",
           "usage", "image", "year", "price"]
@@ -259,10 +260,7 @@ def test_rerun_embeds_only_changed_rows_and_nothing_when_none_changed(
     settings = settings_factory(tmp_path, demo={"enabled": False},
                                 heads={"dir": str(tmp_path / "heads"), "min_products": 8,
                                        "min_field_products": 8, "min_class_products": 2})
-    config = tmp_path / "config.yaml"
-    config.write_text(yaml.safe_dump({"applications": [{
-        "name": "jobtest", "import_path": "serve_app.app:build_app",
-        "args": settings.model_dump(mode="json")}]}))
+    config = write_config(tmp_path / "config.yaml", settings, app_name="jobtest")
     catalog, expected = make_catalog(tmp_path / "cat", n_good=12)
     # A photo that exists but does not decode is never stored, so every run tries it again
     # (and starts the encoders for it); leave those two out. The other bad rows stay: they are

@@ -6,13 +6,13 @@ import json
 
 import numpy as np
 import pytest
-import yaml
 
 from batch_index.__main__ import main
 from deployments.core.demo import generate_demo_catalog
 from deployments.core.heads import current_version, heads_folder, load_heads, model_ids
 from deployments.core.settings import load_settings
 from deployments.core.store import ProductStore
+from tests.support import write_config
 
 pytestmark = pytest.mark.integration
 
@@ -22,10 +22,7 @@ def test_index_then_fit_writes_an_artifact_beside_the_collection(ray_local, tmp_
     settings = settings_factory(tmp_path, demo={"enabled": False},
                                 heads={"dir": str(tmp_path / "heads"), "min_products": 10,
                                        "min_field_products": 10, "min_class_products": 2})
-    config = tmp_path / "config.yaml"
-    config.write_text(yaml.safe_dump({"applications": [{
-        "name": "fittest", "import_path": "serve_app.app:build_app",
-        "args": settings.model_dump(mode="json")}]}))
+    config = write_config(tmp_path / "config.yaml", settings, app_name="fittest")
     catalog = generate_demo_catalog(tmp_path / "cat", n=48)
     common = ["--config", str(config), "--via-service", "no"]
     assert main(["index", *common, "--catalog", str(catalog), "--no-fit",

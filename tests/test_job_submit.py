@@ -19,10 +19,16 @@ import pytest
 from deployments.core.demo import generate_demo_catalog
 from deployments.core.heads import current_version, heads_folder, load_heads
 from deployments.core.store import ProductStore
-from tests.support import LiteServer, free_port, submit_when_ready, write_config
+from tests.support import (
+    LiteServer,
+    free_port,
+    job_runtime_env,
+    submit_when_ready,
+    wait_for_job,
+    write_config,
+)
 
 pytestmark = pytest.mark.integration
-ROOT = Path(__file__).resolve().parents[1]
 PRODUCTS = 48
 
 
@@ -101,17 +107,10 @@ def _run(address: str, name: str, command: str, timeout: float = 900) -> str:
     from ray.job_submission import JobStatus, JobSubmissionClient
 
     client = JobSubmissionClient(address)
-    python = sys.executable
     job = submit_when_ready(
         client, submission_id=f"{name}-{os.getpid()}-{time.monotonic_ns()}",
-        entrypoint=f"{python} -m batch_index {command}",
-        runtime_env={"working_dir": str(ROOT), "py_executable": python,
-                     "excludes": [".venv", "data", ".git", "benchmarks/out", "test-artifacts"]})
-    deadline = time.monotonic() + timeout
-    while (status := client.get_job_status(job)) not in (
-            JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED):
-        assert time.monotonic() < deadline, f"{name} still {status} after {timeout} s"
-        time.sleep(1)
+        entrypoint=f"{sys.executable} -m batch_index {command}", runtime_env=job_runtime_env())
+    status = wait_for_job(client, job, timeout, poll_s=1)
     logs = client.get_job_logs(job)
     assert status == JobStatus.SUCCEEDED, f"{name} ended {status}:\n{logs[-3000:]}"
     return logs

@@ -14,7 +14,7 @@ import json
 import logging
 import threading
 from collections import Counter
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -404,27 +404,16 @@ class ProductStore:
         # A collection of an older schema (a rebuild's source) lacks the newer fields.
         present = {f["name"] for f in self._client.describe_collection(
             self.collection, **self._read)["fields"]}
-        iterator = self._client.query_iterator(self.collection, batch_size=4096,
-                                               output_fields=[f for f in SCALAR_FIELDS
-                                                              if f in present],
-                                               **self._write)
-        while batch := iterator.next():
+        for batch in self._batches([f for f in SCALAR_FIELDS if f in present]):
             found += [self._product(r) for r in batch]
-        iterator.close()
         return found
 
     @_backend_errors
     def vectors(self, field: VectorField) -> tuple[list[str], np.ndarray]:
         """Every product's id and `field` vector ((n, dim) float32), for exact-search checks."""
-        ids, rows = [], []
-        iterator = self._client.query_iterator(self.collection, batch_size=4096,
-                                               output_fields=["id", VECTOR_FIELDS[field]],
-                                               **self._write)
-        while batch := iterator.next():
-            ids += [r["id"] for r in batch]
-            rows += [r[VECTOR_FIELDS[field]] for r in batch]
-        iterator.close()
-        return ids, np.asarray(rows, dtype=np.float32)
+        rows = self._query_all(["id", VECTOR_FIELDS[field]])
+        return ([r["id"] for r in rows],
+                np.asarray([r[VECTOR_FIELDS[field]] for r in rows], dtype=np.float32))
 
     @_backend_errors
     def drop_alias(self) -> None:
@@ -506,15 +495,20 @@ class ProductStore:
             written += int(result.get("upsert_count", len(rows)))
         return written
 
-    def _query_all(self, fields: list[str], batch_size: int = 4096) -> list[dict[str, Any]]:
-        """Every row of the collection, only `fields`."""
-        rows: list[dict[str, Any]] = []
+    def _batches(self, fields: list[str], batch_size: int = 4096) -> Iterator[list[dict[str, Any]]]:
+        """Every row of the collection, only `fields`, a batch at a time (the query iterator
+        is closed however the caller stops)."""
         iterator = self._client.query_iterator(self.collection, batch_size=batch_size,
                                                output_fields=fields, **self._write)
-        while batch := iterator.next():
-            rows.extend(batch)
-        iterator.close()
-        return rows
+        try:
+            while batch := iterator.next():
+                yield batch
+        finally:
+            iterator.close()
+
+    def _query_all(self, fields: list[str], batch_size: int = 4096) -> list[dict[str, Any]]:
+        """Every row of the collection, only `fields`."""
+        return [row for batch in self._batches(fields, batch_size) for row in batch]
 
     @_backend_errors
     def flush(self) -> None:
@@ -572,13 +566,7 @@ class ProductStore:
                                       output_fields=fields, consistency_level="Strong",
                                       **self._write)
             return {r["id"]: r["fingerprint"] for r in rows}
-        found: dict[str, str] = {}
-        iterator = self._client.query_iterator(self.collection, batch_size=4096,
-                                               output_fields=fields, **self._write)
-        while batch := iterator.next():
-            found.update((r["id"], r["fingerprint"]) for r in batch)
-        iterator.close()
-        return found
+        return {r["id"]: r["fingerprint"] for batch in self._batches(fields) for r in batch}
 
     @_backend_errors
     def vectors_and_labels(self, batch_size: int = 2048) -> dict[str, Any]:
@@ -586,12 +574,7 @@ class ProductStore:
         `ids`, `titles`, `labels` (one list per STRING_FIELDS name, "" = none), and float32
         arrays `image` (n, image_dim), `text` (n, text_dim), `colour` (n, COLOUR_DIMS)."""
         fields = ["id", "title", *STRING_FIELDS, *VECTOR_FIELDS.values(), COLOUR_FIELD]
-        rows: list[dict[str, Any]] = []
-        iterator = self._client.query_iterator(self.collection, batch_size=batch_size,
-                                               output_fields=fields, **self._write)
-        while batch := iterator.next():
-            rows.extend(batch)
-        iterator.close()
+        rows = self._query_all(fields, batch_size)
         result: dict[str, Any] = {"ids": [r["id"] for r in rows],
                                   "titles": [r["title"] for r in rows]}
         result["labels"] = {name: [r.get(name) or "" for r in rows] for name in STRING_FIELDS}
@@ -612,10 +595,7 @@ class ProductStore:
     def attribute_counts(self, max_values: int = 100) -> dict[str, dict[str, int]]:
         """For each typed field and JSON attribute: its most common values with counts."""
         counts: dict[str, Counter] = {name: Counter() for name in STRING_FIELDS}
-        iterator = self._client.query_iterator(
-            self.collection, batch_size=4096, output_fields=[*STRING_FIELDS, "attributes"],
-            **self._write)
-        while batch := iterator.next():
+        for batch in self._batches([*STRING_FIELDS, "attributes"]):
             for row in batch:
                 for name in STRING_FIELDS:
                     if row.get(name):
@@ -623,7 +603,6 @@ class ProductStore:
                 for name, value in (row.get("attributes") or {}).items():
                     if isinstance(value, str | int | float | bool):
                         counts.setdefault(name, Counter())[value] += 1
-        iterator.close()
         return {name: dict(c.most_common(max_values)) for name, c in counts.items() if c}
 
     @_backend_errors
