@@ -205,13 +205,48 @@ def test_lean_pool_ranks_exactly_like_the_full_one(searcher, explain, colour):
     features = ImageFeatures(vectors["image"], vectors["colour"], has_colour=colour)
     full = searcher.store.search(features.vector, "image", searcher.ranking.candidates,
                                  with_colour=True)
+    # The query is p3's own photo (image cosine 1.0): its labels are known (same_photo).
     expected = searcher_module.rerank_hits(
         full, features.colour if colour else None, 4, searcher.weights, explain,
-        None if colour else searcher.grey_appearance(full, features.layout))
+        None if colour else searcher.grey_appearance(full, features.layout),
+        known={"article_type": "Casual Shoes", "colour": "Blue"})
     hits = searcher.by_image(features, 4, explain=explain)
     assert [(h.product, h.score, h.signals) for h in hits] == \
         [(h.product, h.score, h.signals) for h in expected]
     assert all(h.product.title and h.product.gender == "Men" for h in hits)  # full products
+
+
+def _near(vector: np.ndarray, cosine: float, seed: int) -> np.ndarray:
+    """A unit vector at exactly `cosine` to the unit `vector`."""
+    noise = np.random.default_rng(seed).normal(size=vector.shape)
+    noise -= noise @ vector * vector
+    noise /= np.linalg.norm(noise)
+    return (cosine * vector + np.sqrt(1 - cosine**2) * noise).astype(np.float32)
+
+
+def test_a_copy_of_a_stored_photo_finds_its_product_first(searcher):
+    """A white T-shirt whose near neighbours (by photo and colour) are all labelled Grey: the
+    neighbours' colour vote says Grey, yet a copy of its own photo must bring it back first,
+    because the photo is that product's and its labels are known."""
+    white = unit(1, IMAGE_DIM, 90)[0]
+    colour = unit(1, COLOUR_DIMS, 91)[0]
+    items = [Product(id="w", title="White tee", colour="White", article_type="Tshirts")]
+    items += [Product(id=f"g{i}", title="Grey tee", colour="Grey", article_type="Tshirts")
+              for i in range(6)]
+    image = np.stack([white] + [_near(white, 0.96, i) for i in range(6)])
+    colours = np.stack([colour] + [_near(colour, 0.97, 10 + i) for i in range(6)])
+    searcher.upsert(items, [f"photo of {p.id}".encode() for p in items], image,
+                    unit(7, TEXT_DIM, 92), colours)
+    searcher.flush()
+    hits = searcher.by_image(ImageFeatures(white, colour), 3, explain=True)
+    assert ids(hits)[0] == "w" and hits[0].score > hits[1].score
+    assert hits[0].signals["known_labels"] == {"article_type": "Tshirts", "colour": "White"}
+    assert hits[0].signals["colour_label"] == 1.0
+    # A photo that is only like it (image cosine 0.97 < same_photo_similarity) is not taken
+    # for it: the neighbours' votes decide, as for any shopper's photo.
+    like = searcher.by_image(ImageFeatures(_near(white, 0.97, 50), colour), 3, explain=True)
+    assert all("known_labels" not in h.signals for h in like)
+    assert like[0].signals["inferred"]["colour"] == "Grey"
 
 
 # -- fitted heads' predictions and projections, stored per product ---------------------------

@@ -144,7 +144,9 @@ class Searcher:
                  explain: bool = False, known: Product | None = None) -> list[Hit]:
         """Products that look like a photo: the nearest `ranking.candidates` by image vector,
         re-ranked by colour similarity and the article type and colour inferred from them (a
-        photo without colour information, e.g. a greyscale file, votes on type only)."""
+        photo without colour information, e.g. a greyscale file, votes on type only). The
+        labels of a catalogue product are used instead when they are known: `known` ("more
+        like this") or the product whose stored photo the query photo is (`same_photo`)."""
         if not self.ranking.enabled:
             return self.nearest("image", features.vector, k, filters, exclude_ids, extra_filter)
         heads = self.heads
@@ -152,18 +154,28 @@ class Searcher:
         pool = self.store.search_pool(features.vector, "image",
                                       max(k, self.ranking.candidates),
                                       self.expression(filters, extra_filter), exclude_ids)
+        known = known or self.same_photo(pool)
         prior = None
         if heads is not None and heads.attributes and self.prediction_weight > 0:
             colour = features.colour if features.colour is not None else np.zeros(
                 heads.colour_dim, np.float32)
             prior = (with_known_labels(heads.predict(features.vector[None], colour[None])[0],
                                        known), self.prediction_weight)
+        labels = _labels(known) if known is not None else None
         if features.has_colour:
-            ranked = rerank_hits(pool, features.colour, k, self.weights, explain, prior=prior)
+            ranked = rerank_hits(pool, features.colour, k, self.weights, explain, prior=prior,
+                                 known=labels)
         else:
             ranked = rerank_hits(pool, None, k, self.weights, explain,
-                                 self.grey_appearance(pool, features.layout), prior)
+                                 self.grey_appearance(pool, features.layout), prior, labels)
         return _stamp(self.store.complete(ranked), heads)
+
+    def same_photo(self, pool: Sequence[Hit]) -> Product | None:
+        """The stored product whose photo the query photo is (the nearest, when its image
+        cosine is at least `ranking.same_photo_similarity`), or None."""
+        if pool and pool[0].score >= self.ranking.same_photo_similarity:
+            return pool[0].product
+        return None
 
     def grey_appearance(self, pool: Sequence[Hit], layout: np.ndarray | None) -> np.ndarray:
         """For a query photo without colour: how alike each of the GREY_CANDIDATES nearest
@@ -353,23 +365,30 @@ def _stamp(hits: list[Hit], heads: Heads | None) -> list[Hit]:
     return hits
 
 
+def _labels(product: Product) -> dict[str, str]:
+    """The labels re-ranking votes on, as a product of the catalogue carries them."""
+    return {"article_type": product.article_type, "colour": product.colour}
+
+
 def rerank_hits(pool: list[Hit], colour: np.ndarray | None, k: int, weights: Weights,
                 explain: bool, appearance: np.ndarray | None = None,
-                prior: tuple[dict[str, dict[str, float]], float] | None = None) -> list[Hit]:
+                prior: tuple[dict[str, dict[str, float]], float] | None = None,
+                known: dict[str, str] | None = None) -> list[Hit]:
     """The k best of a pool of vector hits by the ranking signals (deployments.core.ranking).
     Each hit's `score` is the score the list is ordered by: the weighted signals over the sum
     of the weights (0..1, descending down the list); with `explain`, the per-signal scores
     (`visual`: the image cosine, `colour`, `article_type`, `colour_label`: the attribute
     evidence). `appearance` (a query photo without colour): per hit, its grey likeness, in
     colour's place. `prior` (fitted heads): the query's predicted attributes and their weight
-    beside the neighbour votes."""
-    candidates = [Candidate(h.product.id, h.score, {"article_type": h.product.article_type,
-                                                     "colour": h.product.colour}, h.colour, h)
+    beside the neighbour votes. `known`: the query is a catalogue product's photo ("more like
+    this", or a copy of its photo): its own labels replace what would be inferred."""
+    candidates = [Candidate(h.product.id, h.score, _labels(h.product), h.colour, h)
                   for h in pool]
     query = query_signals(candidates, colour)
     query.appearance = appearance
     if prior is not None:  # the query photo's predicted attributes beside the neighbour votes
         query.attributes = mix_attributes(query.attributes, *prior)
+    query.attributes.update({f: {v: 1.0} for f, v in (known or {}).items() if v})
     hits = []
     total = sum(weights.__dict__.values()) or 1.0
     for candidate, signals in rerank(candidates, query, weights)[:k]:
@@ -382,6 +401,8 @@ def rerank_hits(pool: list[Hit], colour: np.ndarray | None, k: int, weights: Wei
             if prior is not None:
                 hit.signals["predicted"] = {f: next(iter(p.items())) for f, p in prior[0].items()
                                             if f in ("article_type", "colour")}
+            if known:
+                hit.signals["known_labels"] = dict(known)
             if appearance is not None:  # the photo has no colour: `colour` is grey likeness
                 hit.signals["photo_has_colour"] = False
         hits.append(hit)

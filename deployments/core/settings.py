@@ -157,6 +157,11 @@ class RankingSettings(BaseModel):
     text_attributes: bool = Field(True, description="attribute words in text queries filter")
     hybrid_depth: int = Field(10, ge=1, le=1000, description="each list fused by hybrid search "
                               "is at least this deep (and at least k)")
+    # A query photo this close (image cosine) to a stored product's is that product's photo
+    # (a lossless copy): its labels are known, as for "more like this". Re-encoded copies
+    # (JPEG at 80% size: 0.89-0.95) overlap distinct products' nearest (99th pct 0.96 on
+    # fashion-dev), so only near-exact copies qualify; RESULTS.md has the measurement.
+    same_photo_similarity: float = Field(0.99, gt=0, le=1.0)
 
 
 class AuthSettings(BaseModel):
