@@ -19,6 +19,10 @@ from deployments.core.settings import AppSettings
 MARKER = "fitted-on.json"
 
 
+# Settings only serving reads: changing them needs no refit.
+SERVING_ONLY = {"poll_s", "prediction_weight", "evidence_weight", "words_candidates"}
+
+
 def fit_key(settings: AppSettings, fingerprints: dict[str, str]) -> str:
     """64 hex chars identifying what a fit would read: stored id -> fingerprint, the heads
     settings and the model ids."""
@@ -26,7 +30,7 @@ def fit_key(settings: AppSettings, fingerprints: dict[str, str]) -> str:
     for product_id in sorted(fingerprints):
         digest.update(f"{product_id}\t{fingerprints[product_id]}\n".encode())
     digest.update(json.dumps({
-        "heads": settings.heads.model_dump(mode="json", exclude={"poll_s", "prediction_weight"}),
+        "heads": settings.heads.model_dump(mode="json", exclude=SERVING_ONLY),
         "models": model_ids(settings.image_model, settings.text_model),
     }, sort_keys=True).encode())
     return digest.hexdigest()

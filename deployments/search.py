@@ -58,7 +58,7 @@ class ProductSearch:
 
         def open_version(store: ProductStore) -> Searcher:
             searcher = Searcher(store, media, ranking)
-            searcher.prediction_weight = (heads or HeadSettings()).prediction_weight
+            searcher.head_settings = heads or HeadSettings()
             searcher.start(image_dim, text_dim)
             return searcher
 

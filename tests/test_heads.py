@@ -237,7 +237,7 @@ def test_neighbour_votes_sum_to_one_over_the_k_nearest():
     assert np.allclose(label_votes(np.zeros((1, 5)), np.zeros(5, int), 4), 0.25)
 
 
-def test_words_and_photos_rank_by_fused_score_and_named_values():
+def test_words_and_photos_rank_by_best_similarity_and_named_values():
     """A product's own label counts for a named value; without one, its prediction's
     confidence; found_by says which similarity ranks it among the k best."""
     def hit(i: str, fused: float, text: float, photo: float, **labels) -> Hit:
@@ -256,3 +256,29 @@ def test_words_and_photos_rank_by_fused_score_and_named_values():
     assert ranked[1].signals["predicted_used"] == {"colour": ["Red", 0.6]}
     assert ranked[0].score > ranked[1].score and 0 < ranked[1].score <= 1
     assert found_by(hits, 3) == ["both", "both", "both"]  # all three are in both top 3
+    # `score` reads exp(best similarity + 0.1 x log-evidence - 1): the titled red product
+    # matches by its title (0.7) with a certain label.
+    assert ranked[0].score == pytest.approx(np.exp(0.7 - 1.0))
+    assert ranked[1].signals["photo_score"] == pytest.approx(0.6 + 0.1 * np.log(0.6))
+
+
+def test_words_and_photos_weigh_every_value_the_heads_think_possible():
+    """Two unlabelled products whose stored (most likely) colour is Blue: the heads'
+    full prediction says one is probably Red too (0.45) and the other not (0.01), so for
+    "red" the first ranks above the second although its photo is a little less like the
+    words; a product's own label counts as certain (probabilities given for it are ignored)."""
+    def hit(i: str, photo: float, **labels) -> Hit:
+        return Hit(Product(id=i, title=i, predicted={"colour": Prediction(
+            value="Blue", confidence=0.5)}, **labels), 0.0, signals={"text": 0.0,
+                                                                   "photo": photo})
+
+    hits = [hit("unlikely", 0.62), hit("maybe", 0.6), hit("labelled", 0.58, colour="Red")]
+    probs = [{"colour": {"Blue": 0.5, "Red": 0.01}}, {"colour": {"Blue": 0.5, "Red": 0.45}},
+             {"colour": {"Blue": 0.9, "Red": 0.05}}]  # ignored: it has a label
+    ranked = rank_words_and_photos(hits, {"colour": ["Red"]}, 3, True, probs)
+    assert [h.product.id for h in ranked] == ["labelled", "maybe", "unlikely"]
+    assert [h.signals["evidence"]["colour"] for h in ranked] == [1.0, 0.45, 0.01]
+    # Without the full prediction only the stored most likely value counts: neither is Red.
+    stored = rank_words_and_photos(hits, {"colour": ["Red"]}, 3, True)
+    assert [h.signals["evidence"]["colour"] for h in stored] == [1.0, 0.0, 0.0]
+    assert [h.product.id for h in stored] == ["labelled", "unlikely", "maybe"]

@@ -20,7 +20,7 @@ import numpy as np
 
 from deployments.core.heads import Heads
 from deployments.core.products import PREDICTED_FIELDS, Prediction, Product
-from deployments.core.query import attribute_evidence, text_score
+from deployments.core.query import attribute_evidence
 from deployments.core.store import Hit, ProductStore
 
 RRF_K = 60  # the usual reciprocal-rank-fusion constant (Milvus RRFRanker's default too)
@@ -159,31 +159,60 @@ def found_by(hits: Sequence[Hit], k: int) -> list[str]:
     return sources
 
 
+def named_evidence(product: Product, recognised: dict[str, list[str]],
+                   probabilities: dict[str, dict[str, float]] | None = None) -> dict[str, float]:
+    """Per recognised field, the probability (0..1) that a product shows one of the values a
+    query named: 1 or 0 by its own label; without a label, the heads' probability of the named
+    values from its photo (`probabilities`: field -> {value: p}, all values); lacking those,
+    its stored prediction's confidence when that is a named value, else 0."""
+    predicted = {f: (p.value, p.confidence) for f, p in product.predicted.items()}
+    evidence = attribute_evidence(product.model_dump(include=set(recognised)), recognised,
+                                  predicted)
+    for name, values in recognised.items():
+        probs = (probabilities or {}).get(name)
+        if probs is not None and not getattr(product, name, ""):
+            evidence[name] = min(sum(probs.get(v, 0.0) for v in values), 1.0)
+    return evidence
+
+
 def rank_words_and_photos(hits: Sequence[Hit], recognised: dict[str, list[str]], k: int,
-                          explain: bool = False) -> list[Hit]:
+                          explain: bool = False,
+                          probabilities: Sequence[dict[str, dict[str, float]]] | None = None,
+                          weight: float = 0.1) -> list[Hit]:
     """The k best of a words-and-photos search (ProductStore.text_and_photo_search), best
-    first. `score` (0..1, what the list is ordered by): the fused rank score (RRF over the
-    titles and the projected photos, 1 = first in both) averaged with the evidence of each
-    attribute value the query named (`recognised`: field -> values; query.attribute_evidence:
-    the product's own label, else its stored prediction's confidence). `found_by` says which
-    similarity found it; with `explain`, `text` and `photo` cosines, `fused`, `evidence`."""
-    best = 2.0 / (RRF_K + 1)  # first in both lists
-    sources = found_by(hits, k) if hits else []
+    first. Each product is scored by the better of its two similarities to the words (title
+    `text` cosine; projected photo `photo` cosine, for products with one), plus `weight` x the
+    log-probability of each attribute value the query named (`words_photo_scores`;
+    `named_evidence`: its own label, else the heads' `probabilities` per hit, else its stored
+    prediction). `score` (what the list is ordered by, 0..1, descending): exp(that - 1), so 1
+    is a perfect match by words or photo with every named value certain. `found_by` says
+    which similarity found it; with `explain`, `text` and `photo` cosines, `evidence`,
+    `text_score`, `photo_score` (the two sums before the max)."""
+    if not hits:
+        return []
+    evidence = [named_evidence(h.product, recognised, probabilities[i] if probabilities else None)
+                for i, h in enumerate(hits)]
+    named = [np.array([e[f] for e in evidence]) for f in recognised]
+    text = words_photo_scores(np.array([h.signals["text"] for h in hits]), named, weight)
+    photo_cos = np.array([h.signals["photo"] for h in hits])
+    photo = np.where(photo_cos > 0, words_photo_scores(photo_cos, named, weight), -np.inf)
+    best = np.maximum(text, photo)
+    sources = found_by(hits, k)
     ranked = []
-    for hit, source in zip(hits, sources, strict=True):
-        predicted = {f: (p.value, p.confidence) for f, p in hit.product.predicted.items()}
-        evidence = attribute_evidence(hit.product.model_dump(include=set(recognised)),
-                                      recognised, predicted)
-        fused = min(hit.score / best, 1.0)
-        score = text_score(fused, evidence)
+    for i in np.argsort(-best, kind="stable")[:k]:
+        hit, score = hits[i], float(np.exp(min(best[i], 1.0) - 1.0))
         signals = None
         if explain:
-            signals = {**(hit.signals or {}), "fused": fused, "evidence": evidence,
+            product = hit.product
+            signals = {**(hit.signals or {}), "evidence": evidence[i],
+                       "text_score": float(text[i]),
+                       "photo_score": float(photo[i]) if np.isfinite(photo[i]) else None,
                        "recognised": {f: v for f, v in recognised.items()
-                                      if getattr(hit.product, f) in v},
-                       "predicted_used": {f: list(predicted[f]) for f in recognised
-                                          if f in predicted and not getattr(hit.product, f)},
-                       "found_by": source, "score": score}
-        ranked.append(Hit(hit.product, score, signals=signals, found_by=source))
-    ranked.sort(key=lambda h: -h.score)
-    return ranked[:k]
+                                      if getattr(product, f) in v},
+                       "predicted_used": {f: [product.predicted[f].value,
+                                              product.predicted[f].confidence]
+                                          for f in recognised if f in product.predicted
+                                          and not getattr(product, f)},
+                       "found_by": sources[i], "score": score}
+        ranked.append(Hit(hit.product, score, signals=signals, found_by=sources[i]))
+    return ranked

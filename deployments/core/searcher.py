@@ -29,7 +29,7 @@ from deployments.core.media import MediaStore
 from deployments.core.products import STRING_FIELDS, Product
 from deployments.core.query import AttributeVocabulary, attribute_evidence, text_score
 from deployments.core.ranking import Candidate, Weights, query_signals, rerank
-from deployments.core.settings import RankingSettings
+from deployments.core.settings import HeadSettings, RankingSettings
 from deployments.core.store import (
     Hit,
     ProductStore,
@@ -119,7 +119,9 @@ class Searcher:
         # Fitted heads (deployments.core.heads) in use, or None: search as without them.
         # Replaced whole by the deployment when a new fit appears; each search reads it once.
         self.heads: Heads | None = None
-        self.prediction_weight = 0.5
+        # How heads weigh in ranking (HeadSettings: prediction_weight, evidence_weight,
+        # words_candidates); the deployment sets the configured ones.
+        self.head_settings = HeadSettings()
         self._unflushed = 0
         self._flush_lock = threading.Lock()
 
@@ -156,11 +158,12 @@ class Searcher:
                                       self.expression(filters, extra_filter), exclude_ids)
         known = known or self.same_photo(pool)
         prior = None
-        if heads is not None and heads.attributes and self.prediction_weight > 0:
+        weight = self.head_settings.prediction_weight
+        if heads is not None and heads.attributes and weight > 0:
             colour = features.colour if features.colour is not None else np.zeros(
                 heads.colour_dim, np.float32)
             prior = (with_known_labels(heads.predict(features.vector[None], colour[None])[0],
-                                       known), self.prediction_weight)
+                                       known), weight)
         labels = _labels(known) if known is not None else None
         if features.has_colour:
             ranked = rerank_hits(pool, features.colour, k, self.weights, explain, prior=prior,
@@ -208,20 +211,25 @@ class Searcher:
     def by_words_and_photos(self, vector: np.ndarray, text: str, k: int,
                             filters: Filters | None = None, explain: bool = False) -> list[Hit]:
         """With fitted heads: titles and projected photos searched together (one Milvus hybrid
-        search, each list max(k, ranking.hybrid_depth) deep), so an untitled product is found
-        by its pixels. Attribute words the query names narrow the search to products showing
-        them by their own label or, lacking one, by their stored prediction (topped up without
-        them when fewer than k remain); learned.rank_words_and_photos orders the result."""
+        search, each list max(k, heads.words_candidates) deep), so an untitled product is found
+        by its pixels. Attribute words the query names leave out products labelled otherwise
+        (topped up with them when fewer than k remain); a product without a label of a named
+        field counts the probability its photo shows a named value (the heads' full prediction
+        from its stored vectors, not only its stored most likely value).
+        learned.rank_words_and_photos orders the result."""
         filters = filters or Filters()
         recognised = self.recognised(text, filters)
-        depth = max(k, self.ranking.hybrid_depth)
-        narrowed = self.expression(filters, recognised_expression(recognised))
-        hits = self.store.text_and_photo_search(vector, k, narrowed, depth)
+        depth = max(k, self.head_settings.words_candidates)
+        narrowed = self.expression(filters, recognised_expression(recognised, predicted=False))
+        hits = self.store.text_and_photo_search(vector, k, narrowed, depth, with_features=True)
         if recognised and len(hits) < k:  # top up from the search without the named values
             seen = tuple(h.product.id for h in hits)
             hits += self.store.text_and_photo_search(vector, k - len(hits),
-                                                     self.expression(filters), depth, seen)
-        return rank_words_and_photos(hits, recognised, k, explain)
+                                                     self.expression(filters), depth, seen,
+                                                     with_features=True)
+        return rank_words_and_photos(hits, recognised, k, explain,
+                                     _named_probabilities(self.heads, hits, recognised),
+                                     self.head_settings.evidence_weight)
 
     def _by_text(self, vector: np.ndarray, text: str, k: int, filters: Filters | None = None,
                  explain: bool = False) -> list[Hit]:
@@ -355,6 +363,20 @@ def _explain_text(hits: list[Hit], recognised: dict[str, list[str]],
                 "evidence": evidence, "score": score}
         scored.append(dataclasses.replace(hit, score=score, signals=signals))
     return sorted(scored, key=lambda h: -h.score)
+
+
+def _named_probabilities(heads: Heads | None, hits: Sequence[Hit],
+                         recognised: dict[str, list[str]],
+                         ) -> list[dict[str, dict[str, float]]] | None:
+    """Per hit, for each recognised field the heads predict, {value: probability} from its
+    stored image vector and colour descriptor (None without heads, named fields or hits)."""
+    fields = [f for f in recognised if heads is not None and f in heads.attributes]
+    if not fields or not hits:
+        return None
+    probs = heads.probabilities(np.stack([h.image for h in hits]),
+                                np.stack([h.colour for h in hits]))
+    return [{f: dict(zip(heads.attributes[f].labels, map(float, probs[f][i]), strict=True))
+             for f in fields} for i in range(len(hits))]
 
 
 def _stamp(hits: list[Hit], heads: Heads | None) -> list[Hit]:

@@ -223,6 +223,9 @@ class HeadSettings(BaseModel):
     # projected photo's cosine to the words + this x the log-probability of each attribute
     # value the words name (its own label when it has one, else the heads' prediction).
     evidence_weight: float = Field(0.1, ge=0)
+    # Each list of a words-and-photos search (titles, projected photos) is this deep before the
+    # evidence re-scores it: 100 found what a search of every product finds (RESULTS.md).
+    words_candidates: int = Field(100, ge=1, le=1000)
 
 
 class AppSettings(BaseSettings):

@@ -93,6 +93,7 @@ class Hit:
     colour: np.ndarray | None = None
     signals: dict[str, Any] | None = None
     heads_version: str | None = None  # the fitted heads artifact that ranked it, if any
+    image: np.ndarray | None = None  # its stored image vector, when asked for
     found_by: str | None = None  # with heads, a text search says: "text", "photo" or "both"
 
 
@@ -152,15 +153,18 @@ def filter_expression(filters: Filters, vocabulary: dict[str, dict[str, str]] | 
     return " and ".join(clauses)
 
 
-def recognised_expression(recognised: dict[str, list[str]]) -> str:
-    """Products that show every value a text query named (field -> values, in the catalogue's
-    spelling): by their own label, or, where they have no label of that field, by the value
-    the fitted heads predicted from their photo. Every value escaped."""
+def recognised_expression(recognised: dict[str, list[str]], predicted: bool = True) -> str:
+    """Products that may show every value a text query named (field -> values, in the
+    catalogue's spelling): by their own label, or, where they have no label of that field, by
+    the value the fitted heads predicted from their photo (`predicted=False`: any product
+    without a label of that field, for a caller that weighs the heads' probabilities itself).
+    Every value escaped."""
     clauses = []
     for name, values in recognised.items():
         own = expr_in(name, values)
         if name in PREDICTED_VALUE:
-            own = f"({own} or ({name} == \"\" and {expr_in(PREDICTED_VALUE[name], values)}))"
+            guess = expr_in(PREDICTED_VALUE[name], values) if predicted else "true"
+            own = f"({own} or ({name} == \"\" and {guess}))"
         clauses.append(own)
     return " and ".join(clauses)
 
@@ -721,14 +725,16 @@ class ProductStore:
     @_backend_errors
     def text_and_photo_search(
         self, text_vector: np.ndarray, k: int, filter: str = "", candidates: int = 100,
-        exclude_ids: Sequence[str] = (),
+        exclude_ids: Sequence[str] = (), with_features: bool = False,
     ) -> list[Hit]:
         """Products found by words through their titles and their photos: one Milvus hybrid
         search (RRF) of the text vectors and the projected photo vectors (PHOTO_TEXT_FIELD;
         only products fitted heads have written) with one text vector ((text_dim,) float32,
         L2-normalised). Each list is max(k, candidates) deep and every product either found is
         returned, best first by fused score (`score`), its `signals` holding its `text` and
-        `photo` cosines to the query (so a caller can tell which list found it)."""
+        `photo` cosines to the query (so a caller can tell which list found it);
+        `with_features`: each hit also holds its stored image vector (`image`) and colour
+        descriptor (`colour`), what fitted heads predict from."""
         depth = max(k, candidates)
         clauses = [f"({filter})" if filter else "",
                    f"not ({expr_in('id', exclude_ids)})" if exclude_ids else ""]
@@ -739,14 +745,22 @@ class ProductStore:
         requests = [AnnSearchRequest([query.tolist()], field, params, depth, filter=expr or None)
                     for field, expr in ((VECTOR_FIELDS["text"], text_filter),
                                         (PHOTO_TEXT_FIELD, photo_filter))]
+        features = [VECTOR_FIELDS["image"], COLOUR_FIELD] if with_features else []
         result = self._client.hybrid_search(
             self.collection, requests, RRFRanker(), limit=2 * depth,
-            output_fields=[*SCALAR_FIELDS, VECTOR_FIELDS["text"], PHOTO_TEXT_FIELD],
+            output_fields=[*SCALAR_FIELDS, VECTOR_FIELDS["text"], PHOTO_TEXT_FIELD, *features],
             **self._read)
-        return [Hit(self._product(h["entity"]), float(h["distance"]), signals={
-                    "text": _cosine(query, h["entity"][VECTOR_FIELDS["text"]]),
-                    "photo": _cosine(query, h["entity"][PHOTO_TEXT_FIELD])})
-                for h in result[0]]
+        hits = []
+        for h in result[0]:
+            row = h["entity"]
+            hit = Hit(self._product(row), float(h["distance"]), signals={
+                "text": _cosine(query, row[VECTOR_FIELDS["text"]]),
+                "photo": _cosine(query, row[PHOTO_TEXT_FIELD])})
+            if with_features:
+                hit.image = np.asarray(row[VECTOR_FIELDS["image"]], np.float32)
+                hit.colour = np.asarray(row[COLOUR_FIELD], np.float32)
+            hits.append(hit)
+        return hits
 
     @staticmethod
     def _product(row: dict[str, Any]) -> Product:
