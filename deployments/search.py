@@ -266,7 +266,9 @@ class ProductSearch:
         searcher = self.searcher
         if searcher.heads is None:
             return 0
-        return await self._call("annotate", annotate_store, searcher.store, searcher.heads)
+        written = await self._call("annotate", annotate_store, searcher.store, searcher.heads)
+        searcher.vocabulary.mark_stale()  # new predictions: /attributes recounts them
+        return written
 
     async def vectors_and_labels(self) -> dict[str, Any]:
         """Every product's stored vectors and labels (the fit reads them through the service

@@ -190,7 +190,12 @@ class SearchAPI:
         await self._call(lambda: self.product_search.delete.remote(product_id), retry=False)
         return Response(status_code=204)
 
-    @api.get("/attributes", summary="Filterable fields and their values, with counts")
+    @api.get("/attributes", summary="Filterable fields and their values, with counts",
+             description="Keyed by the name a query string filters by: every typed field "
+             "(`colour`, ..., even when empty), JSON attributes as `attr.<name>`, and the "
+             "values fitted heads predicted from the photos as `predicted.<field>` (only "
+             "fields some product has a prediction for). Each field's most common values; a "
+             "value just written is listed at once, exact counts follow within seconds.")
     async def attributes(self) -> dict[str, dict[str, int]]:
         return await self._call(lambda: self.product_search.attributes.remote())
 

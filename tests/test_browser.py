@@ -373,7 +373,8 @@ def test_too_large_photo_gets_a_human_message(browser, service, demo_photo):
 def test_a_fit_shows_predicted_attributes_and_found_by_its_photo(browser, service,
                                                                   service_settings, auth_headers):
     """After a fit, a product stored untitled and unlabelled shows its predicted colour and type
-    marked as predicted, and a text search for them shows it "found by its photo"."""
+    marked as predicted, and a text search for them shows it "found by its photo"; a menu of
+    the predicted colours narrows the results to products predicted so."""
     import json
     import shutil
     import time
@@ -401,6 +402,11 @@ def test_a_fit_shows_predicted_attributes_and_found_by_its_photo(browser, servic
                        headers=auth_headers, timeout=60)
         assert r.status_code == 201, r.text
         predicted = r.json()["predicted"]
+        wait_until = time.monotonic() + 30  # the predicted values recounted after the backfill
+        while len(httpx.get(f"{service}/attributes", timeout=10).json().get(
+                "predicted.colour", {})) < 2:  # a menu needs two values to choose from
+            assert time.monotonic() < wait_until, "predicted colours not listed"
+            time.sleep(0.25)
 
         open_page(browser, service)
         before = search_count(browser)
@@ -419,6 +425,33 @@ def test_a_fit_shows_predicted_attributes_and_found_by_its_photo(browser, servic
         wait_images_loaded(browser)
         ARTIFACTS.mkdir(exist_ok=True)
         browser.save_screenshot(str(ARTIFACTS / "page-predicted.png"))
+
+        # The predicted colours get a menu, marked as predictions; choosing one narrows the
+        # results to products predicted so, by the filter's query-string name.
+        value = predicted["colour"]["value"]
+        browser.find_element(By.CSS_SELECTOR, "#more-filters summary").click()
+        label = browser.find_element(By.CSS_SELECTOR, "label[for='filter-predicted-colour']")
+        assert label.text == "Colour (predicted)"
+        before = search_count(browser)
+        Select(browser.find_element(By.ID, "filter-predicted-colour")).select_by_value(value)
+        assert wait_search(browser, before) == "done", error_text(browser)
+        ids = [card.get_attribute("data-id") for card in results(browser)]
+        assert "untitled-9002" in ids
+        with httpx.Client(base_url=service, timeout=60) as client:
+            guesses = {client.get(f"/products/{i}").json()["predicted"]["colour"]["value"]
+                       for i in ids}
+        assert guesses == {value}
+        assert query_of(browser)["predicted.colour"] == [value]
+        assert f"colour (predicted): {value}" in browser.find_element(By.ID, "summary").text
+        wait_images_loaded(browser)
+        browser.save_screenshot(str(ARTIFACTS / "page-predicted-filter.png"))
+        # The URL round-trips: loading it sets the menu and runs the same search.
+        open_page(browser, service, urlsplit(browser.current_url).path + "?"
+                  + urlsplit(browser.current_url).query)
+        wait(browser, lambda d: search_count(d) >= 1)
+        assert Select(browser.find_element(By.ID, "filter-predicted-colour")) \
+            .first_selected_option.get_attribute("value") == value
+        assert [card.get_attribute("data-id") for card in results(browser)] == ids
         assert_no_script_errors(browser)
     finally:
         httpx.delete(f"{service}/products/untitled-9002", headers=auth_headers, timeout=60)

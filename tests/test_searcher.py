@@ -13,7 +13,7 @@ from deployments.core.filters import Filters
 from deployments.core.heads import AttributeHead, Heads
 from deployments.core.learned import annotate_store
 from deployments.core.media import MediaStore
-from deployments.core.products import STRING_FIELDS, Product
+from deployments.core.products import STRING_FIELDS, Prediction, Product
 from deployments.core.searcher import Searcher
 from deployments.core.settings import MilvusSettings
 from deployments.core.store import ProductStore
@@ -180,6 +180,53 @@ def test_attributes_are_keyed_by_filter_name(searcher):
     names = list(searcher.attributes())
     assert names[: len(STRING_FIELDS)] == list(STRING_FIELDS)  # every one, even when empty
     assert searcher.attributes()["attr.material"] == {"ceramic": 1} and "material" not in names
+
+
+def sure_heads(value: str, version: str = "h4") -> Heads:
+    """Heads whose colour head predicts `value` for every photo (p ~ 0.98): known outcomes."""
+    features = IMAGE_DIM + COLOUR_DIMS
+    colour = AttributeHead([value, "Red"], np.zeros((features, 2), np.float32),
+                           np.array([4.0, 0.0], np.float32))
+    return Heads("img", "txt", IMAGE_DIM, TEXT_DIM, COLOUR_DIMS, None,
+                 np.zeros(features, np.float32), np.ones(features, np.float32),
+                 {"colour": colour}, version=version)
+
+
+def test_attributes_list_predictions_which_the_text_parser_does_not_read(searcher, monkeypatch):
+    """Stored predictions are listed as `predicted.<field>` (the filter's name) with counts from
+    the scan, a just-written one at once; a value only ever predicted (no product's label) is
+    no attribute word of text queries, and the shop's spelling of its labels stays theirs."""
+    guessed = [Product(id=f"g{i}", title=f"Guess {i}", colour="Blue" if i == 2 else "",
+                       predicted={"colour": Prediction(value=v, confidence=0.8)})
+               for i, v in enumerate(["Teal", "Teal", "Red"])]
+    searcher.store.upsert(guessed, unit(3, IMAGE_DIM, 20), unit(3, TEXT_DIM, 21),
+                          predicted_by="h0")
+    searcher.vocabulary.refresh()
+    attributes = searcher.attributes()
+    assert attributes["predicted.colour"] == {"Teal": 2, "Red": 1}
+    assert "predicted.article_type" not in attributes and "article_type" in attributes
+    assert "Teal" not in attributes["colour"] and attributes["colour"]["Blue"] == 4
+    # Filtering by a listed value finds exactly the products predicted so.
+    query = unit(1, IMAGE_DIM, 22)[0]
+    found = searcher.nearest("image", query, 10, Filters(predicted={"colour": ["Teal"]}))
+    assert sorted(ids(found)) == ["g0", "g1"]
+    # "teal" is no colour word: a text search is not narrowed by it; "red" (a label) is.
+    assert searcher.recognised("teal", Filters()) == {}
+    assert searcher.recognised("red", Filters()) == {"colour": ["Red"]}
+    assert "teal" not in searcher.vocabulary.snapshot.spelling["colour"]
+
+    scans = []
+    counts = searcher.store.attribute_counts
+    monkeypatch.setattr(searcher.store, "attribute_counts",
+                        lambda *a, **k: scans.append(1) or counts(*a, **k))
+    searcher.heads = sure_heads("Mauve")
+    stored = write(searcher, [Product(id="u3", title="u3")], seed=95)
+    assert stored[0].predicted["colour"].value == "Mauve"
+    assert searcher.attributes()["predicted.colour"] == {"Teal": 2, "Red": 1, "Mauve": 1}
+    assert scans == []  # listed before any refresh
+    assert searcher.recognised("mauve", Filters()) == {}
+    searcher.vocabulary.refresh()
+    assert searcher.attributes()["predicted.colour"] == {"Teal": 2, "Red": 1, "Mauve": 1}
 
 
 def test_hybrid_fuses_photo_and_text_within_filters(searcher):

@@ -13,6 +13,7 @@ import httpx
 import pytest
 
 from deployments.core.demo import draw_product
+from deployments.core.products import PREDICTED_FIELDS
 from tests.support import jpeg_bytes, replica_actor_names
 
 pytestmark = pytest.mark.integration
@@ -29,6 +30,24 @@ def _wait_heads(url: str, wanted, timeout: float = 30) -> dict:
             return body
         time.sleep(0.25)
     raise AssertionError(f"heads {wanted!r} not in use after {timeout} s: {body}")
+
+
+def _listed_predictions(client: httpx.Client, photo: bytes, timeout: float = 30) -> dict:
+    """GET /attributes once its most common predicted colour filters (as the query-string
+    name it is listed under, `predicted.colour=<value>`) to exactly its count of products,
+    each predicted so: the recount after a fit's backfill runs within seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        listed = client.get("/attributes").json()
+        colours = listed.get("predicted.colour", {})
+        value, count = max(colours.items(), key=lambda item: item[1], default=("", 0))
+        found = client.post("/search/image", params={"predicted.colour": value, "k": 100},
+                            files={"image": ("q.jpg", photo)}).json()["results"] if value else []
+        assert all(x["predicted"]["colour"]["value"] == value for x in found), value
+        if value and len(found) == count:
+            return listed
+        assert time.monotonic() < deadline, (colours, len(found))
+        time.sleep(0.5)
 
 
 def test_service_picks_up_a_new_fit_without_restart(service, service_settings):
@@ -121,6 +140,13 @@ def test_a_fit_predicts_stored_attributes_and_words_find_untitled_photos(
         assert {"article_type", "colour"} <= set(before["predicted"])
         assert before["attributes"]["colour"]  # its own label stays apart
 
+        # With no write since, /attributes lists the backfilled predictions under their filter
+        # names within seconds, and a listed value filters to as many products as its count.
+        listed = _listed_predictions(client, client.get("/images/demo-0007").content)
+        assert {"predicted.colour", "predicted.article_type"} <= set(listed)
+        predicted = {name for name in listed if name.startswith("predicted.")}
+        assert predicted <= {f"predicted.{f}" for f in PREDICTED_FIELDS}
+
         photo = jpeg_bytes(draw_product("Dresses", "Red", "Solid", seed=9001))
         r = client.post("/products", files={"image": ("u.jpg", photo, "image/jpeg")},
                         data={"product": json.dumps({"id": "untitled-9001",
@@ -146,6 +172,9 @@ def test_a_fit_predicts_stored_attributes_and_words_find_untitled_photos(
         assert all(x["predicted"]["colour"]["value"] == guess["value"]
                    and x["predicted"]["colour"]["confidence"] >= guess["confidence"]
                    for x in similar)
+
+        # A just-written prediction is listed at once.
+        assert guess["value"] in client.get("/attributes").json()["predicted.colour"]
 
         # Words find it through its photo: its title says nothing.
         text = client.post("/search/text", json={"query": QUERY, "k": 5,

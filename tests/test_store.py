@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from deployments.core.errors import IncompatibleStore, InvalidInput
-from deployments.core.products import Product
+from deployments.core.products import Prediction, Product
 from deployments.core.settings import MilvusSettings
 from deployments.core.store import ProductStore, expr_in, literal
 
@@ -180,3 +180,20 @@ def test_search_batch_answers_each_row_like_search(store):
     for row, query in zip(batched, image[[2, 5]], strict=True):
         single = store.search(query, "image", k=3, exclude_ids=("p2",))
         assert [h.product.id for h in row] == [h.product.id for h in single]
+
+
+def test_attribute_counts_keep_predictions_apart_from_labels(store):
+    """One scan counts the shop's own values and, apart, the stored predictions: most common
+    first, capped, fields without any prediction left out."""
+    guesses = ["Teal", "Teal", "Red", "", "Teal", "Red"]  # "" = no prediction
+    products = [p.model_copy(update={"predicted": {"colour": Prediction(
+                    value=g, confidence=0.7)} if g else {}})
+                for p, g in zip(_products(6), guesses, strict=True)]
+    store.upsert(products, _vectors(6, IMAGE_DIM, 1), _vectors(6, TEXT_DIM, 2),
+                 predicted_by="h1")
+    counts = store.attribute_counts()
+    assert counts.predicted == {"colour": {"Teal": 3, "Red": 2}}
+    assert list(counts.predicted["colour"]) == ["Teal", "Red"]  # most common first
+    assert "Teal" not in counts.own["colour"] and counts.own["colour"]["Red"] == 1
+    assert counts.own["material"] == {"cotton": 6}
+    assert store.attribute_counts(max_values=1).predicted == {"colour": {"Teal": 3}}

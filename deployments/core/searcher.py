@@ -26,7 +26,7 @@ from deployments.core.heads import Heads
 from deployments.core.images import decode_image
 from deployments.core.learned import mix_attributes, rank_words_and_photos, with_known_labels
 from deployments.core.media import MediaStore
-from deployments.core.products import STRING_FIELDS, Product
+from deployments.core.products import PREDICTED_FIELDS, STRING_FIELDS, Product
 from deployments.core.query import AttributeVocabulary, attribute_evidence, text_score
 from deployments.core.ranking import Candidate, Weights, query_signals, rerank
 from deployments.core.settings import HeadSettings, RankingSettings
@@ -48,25 +48,31 @@ GREY_CANDIDATES = 50  # a photo without colour: candidates whose stored photos a
 
 @dataclass(frozen=True)
 class VocabularySnapshot:
-    """The catalogue's attribute values at one moment: counts per field, the text-query parser
-    built from them, and each field's lower-cased value -> catalogue spelling (for filters)."""
+    """The catalogue's attribute values at one moment: counts per field of the shop's own values
+    (typed fields and JSON attributes) and, apart, of the fitted heads' stored predictions
+    (PREDICTED_FIELDS field -> value -> count); the text-query parser and each field's
+    lower-cased value -> catalogue spelling (for filters), both built from the shop's own
+    values only: a value only ever predicted is no attribute word and no spelling."""
 
     counts: dict[str, dict[str, int]]
     parser: AttributeVocabulary
     spelling: dict[str, dict[str, str]]
+    predicted: dict[str, dict[str, int]] = dataclasses.field(default_factory=dict)
 
     @classmethod
-    def of(cls, counts: dict[str, dict[str, int]]) -> VocabularySnapshot:
-        """Build from value counts."""
+    def of(cls, counts: dict[str, dict[str, int]],
+           predicted: dict[str, dict[str, int]] | None = None) -> VocabularySnapshot:
+        """Build from value counts: the shop's own (`counts`) and the predicted ones."""
         spelling = {name: {str(v).lower(): v for v in values if isinstance(v, str)}
                     for name, values in counts.items()}
-        return cls(counts, AttributeVocabulary(counts), spelling)
+        return cls(counts, AttributeVocabulary(counts), spelling, predicted or {})
 
 
 class Vocabulary:
     """Attribute values of the catalogue, kept current without scanning on a request: a full
     scan at start and in `refresh` (the deployment runs it in the background after writes), and
-    new values added at once on every write so a just-written colour is searchable."""
+    new values (labels and predictions) added at once on every write so a just-written colour
+    is searchable and listed."""
 
     def __init__(self, store: ProductStore) -> None:
         self.store = store
@@ -75,25 +81,38 @@ class Vocabulary:
         self.snapshot = VocabularySnapshot.of({})
 
     def refresh(self) -> None:
-        """Recount every value with one scan of the collection."""
+        """Recount every value, own and predicted, with one scan of the collection."""
         with self._lock:
             self.stale = False
-        self.snapshot = VocabularySnapshot.of(self.store.attribute_counts(MAX_VALUES))
+        found = self.store.attribute_counts(MAX_VALUES)
+        self.snapshot = VocabularySnapshot.of(found.own, found.predicted)
 
     def add(self, products: Sequence[Product]) -> None:
         """Count the values of written products now; exact counts follow on `refresh`."""
         with self._lock:
-            counts = {name: dict(values) for name, values in self.snapshot.counts.items()}
+            counts = _copy(self.snapshot.counts)
+            predicted = _copy(self.snapshot.predicted)
             for product in products:
                 for name, value in _values(product):
-                    field = counts.setdefault(name, {})
-                    field[value] = field.get(value, 0) + 1
-            self.snapshot = VocabularySnapshot.of(counts)
+                    _count(counts, name, value)
+                for name, prediction in product.predicted.items():
+                    if prediction.value:
+                        _count(predicted, name, prediction.value)
+            self.snapshot = VocabularySnapshot.of(counts, predicted)
             self.stale = True
 
     def mark_stale(self) -> None:
-        """Products were removed: counts are due a refresh."""
+        """Products were removed, or their predictions rewritten: counts are due a refresh."""
         self.stale = True
+
+
+def _copy(counts: dict[str, dict[str, int]]) -> dict[str, dict[str, int]]:
+    return {name: dict(values) for name, values in counts.items()}
+
+
+def _count(counts: dict[str, dict[str, Any]], name: str, value: Any) -> None:
+    field = counts.setdefault(name, {})
+    field[value] = field.get(value, 0) + 1
 
 
 def _values(product: Product) -> list[tuple[str, Any]]:
@@ -292,13 +311,19 @@ class Searcher:
 
     # -- catalogue -----------------------------------------------------------------------
     def attributes(self) -> dict[str, dict[str, int]]:
-        """Each filter's values with counts (as of the last vocabulary refresh, plus values
-        written since), keyed by the name a query string filters by: every typed field
-        (STRING_FIELDS, even when empty) by its name, JSON attributes as `attr.<name>`."""
-        counts = self.vocabulary.snapshot.counts
+        """Each filter's values with counts (at the last vocabulary refresh the MAX_VALUES
+        most common per field, plus values written since), keyed by the name a query string
+        filters by: every typed field (STRING_FIELDS, even when empty) by its name, JSON
+        attributes as `attr.<name>`, then the fitted heads' stored predictions as
+        `predicted.<field>` (PREDICTED_FIELDS order), only fields some product has a
+        prediction for (unlike typed fields, an empty one is left out)."""
+        snapshot = self.vocabulary.snapshot
+        counts, predicted = snapshot.counts, snapshot.predicted
         return {**{name: counts.get(name, {}) for name in STRING_FIELDS},
                 **{f"attr.{name}": values for name, values in counts.items()
-                   if name not in STRING_FIELDS}}
+                   if name not in STRING_FIELDS},
+                **{f"predicted.{name}": predicted[name] for name in PREDICTED_FIELDS
+                   if predicted.get(name)}}
 
     def get(self, product_id: str) -> Product:
         """One product; NotFound if absent."""

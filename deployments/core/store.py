@@ -97,6 +97,22 @@ class Hit:
     found_by: str | None = None  # with heads, a text search says: "text", "photo" or "both"
 
 
+@dataclass(frozen=True)
+class AttributeCounts:
+    """Value counts of the catalogue, field -> {value: count}, most common first. `own`: the
+    shop's values, each typed field (STRING_FIELDS) and JSON attribute by its name; `predicted`:
+    the fitted heads' stored predictions, each PREDICTED_FIELDS field by its name. Kept apart,
+    so a predicted value never passes for a label of the shop's."""
+
+    own: dict[str, dict[str, int]]
+    predicted: dict[str, dict[str, int]]
+
+
+def _most_common(counts: dict[str, Counter], n: int) -> dict[str, dict[str, int]]:
+    """Each field's n most common values (most common first); fields without values left out."""
+    return {name: dict(c.most_common(n)) for name, c in counts.items() if c}
+
+
 def literal(value: Any) -> str:
     """Render a Python value as a Milvus expression literal, escaped (no injection possible)."""
     if isinstance(value, bool):
@@ -596,18 +612,26 @@ class ProductStore:
         return [self._product(r) for r in rows]
 
     @_backend_errors
-    def attribute_counts(self, max_values: int = 100) -> dict[str, dict[str, int]]:
-        """For each typed field and JSON attribute: its most common values with counts."""
-        counts: dict[str, Counter] = {name: Counter() for name in STRING_FIELDS}
-        for batch in self._batches([*STRING_FIELDS, "attributes"]):
+    def attribute_counts(self, max_values: int = 100) -> AttributeCounts:
+        """One scan of every product: for each typed field and JSON attribute (the shop's own
+        values), and apart from them for each PREDICTED_FIELDS field (the fitted heads' stored
+        predictions), its `max_values` most common values with counts, most common first.
+        Fields without any value are left out."""
+        own: dict[str, Counter] = {name: Counter() for name in STRING_FIELDS}
+        predicted: dict[str, Counter] = {name: Counter() for name in PREDICTED_FIELDS}
+        fields = [*STRING_FIELDS, "attributes", *PREDICTED_VALUE.values()]
+        for batch in self._batches(fields):
             for row in batch:
                 for name in STRING_FIELDS:
                     if row.get(name):
-                        counts[name][row[name]] += 1
+                        own[name][row[name]] += 1
                 for name, value in (row.get("attributes") or {}).items():
                     if isinstance(value, str | int | float | bool):
-                        counts.setdefault(name, Counter())[value] += 1
-        return {name: dict(c.most_common(max_values)) for name, c in counts.items() if c}
+                        own.setdefault(name, Counter())[value] += 1
+                for name, column in PREDICTED_VALUE.items():
+                    if row.get(column):  # "" = no prediction
+                        predicted[name][row[column]] += 1
+        return AttributeCounts(_most_common(own, max_values), _most_common(predicted, max_values))
 
     @_backend_errors
     def count(self, filter: str = "") -> int:

@@ -7,7 +7,9 @@
  *   3. running a search (busy indicator, errors, history / shareable URL),
  *   4. rendering results,
  *   5. the form: photo pick / drop / paste, filter menus from GET /attributes (whose keys
- *      are the filter names; the page keeps no field list of its own), events.
+ *      are the filter names; the page keeps no field list of its own: `predicted.<field>`
+ *      keys, values the fitted heads predicted from the photos, get menus marked
+ *      "(predicted)"), events.
  */
 "use strict";
 
@@ -114,6 +116,9 @@
       } else if (name.startsWith("attr.")) {
         const attributes = (body.attributes = body.attributes || {});
         (attributes[name.slice(5)] = attributes[name.slice(5)] || []).push(...scalars(value));
+      } else if (name.startsWith("predicted.")) {
+        const predicted = (body.predicted = body.predicted || {});
+        (predicted[name.slice(10)] = predicted[name.slice(10)] || []).push(value);
       } else {
         (body[name] = body[name] || []).push(value);
       }
@@ -128,17 +133,27 @@
     return value.trim() !== "" && Number.isFinite(number) ? [value, number] : [value];
   }
 
-  /* A URL parameter that filters: a name GET /attributes gave, any `attr.<name>`, a price
-   * bound; before (or without) the attribute list, anything but the page's own parameters. */
+  /* A URL parameter that filters: a name GET /attributes gave, any `attr.<name>` or
+   * `predicted.<field>` (listed only while some product has one), a price bound; before (or
+   * without) the attribute list, anything but the page's own parameters. */
   function isFilterParam(name) {
-    if (name.startsWith("attr.") || name === "price_min" || name === "price_max") return true;
+    if (name.startsWith("attr.") || name.startsWith("predicted.")) return true;
+    if (name === "price_min" || name === "price_max") return true;
     return state.filterNames ? state.filterNames.has(name) : !PAGE_PARAMS.includes(name);
   }
 
+  /* The field a filter name is about: `attr.material` -> material, `predicted.colour` ->
+   * colour. */
+  function fieldOf(param) {
+    if (param.startsWith("attr.")) return param.slice(5);
+    return param.startsWith("predicted.") ? param.slice(10) : param;
+  }
+
+  /* What a shopper reads: "Article type", "Colour (predicted)" (not the shop's own label). */
   function labelOf(param) {
-    const name = param.startsWith("attr.") ? param.slice(5) : param;
-    const words = name.replace(/_/g, " ");
-    return words.charAt(0).toUpperCase() + words.slice(1);
+    const words = fieldOf(param).replace(/_/g, " ");
+    const label = words.charAt(0).toUpperCase() + words.slice(1);
+    return param.startsWith("predicted.") ? `${label} (predicted)` : label;
   }
 
   function describeFilters(filters) {
@@ -485,13 +500,19 @@
     return filters;
   }
 
-  /* One menu per filterable field; `values` maps value -> count. */
+  /* One menu per filterable field; `values` maps value -> count. Ids: #filter-colour,
+   * #filter-material (attr.material), #filter-predicted-colour (predicted.colour). */
   function ensureSelect(param, values = {}) {
-    const name = param.startsWith("attr.") ? param.slice(5) : param;
-    const id = `filter-${name.replace(/[^A-Za-z0-9_-]/g, "_")}`;
+    const prefix = param.startsWith("predicted.") ? "filter-predicted-" : "filter-";
+    const id = `${prefix}${fieldOf(param).replace(/[^A-Za-z0-9_-]/g, "_")}`;
     let select = document.getElementById(id);
     if (!select) {
       const field = element("div", "field");
+      if (param.startsWith("predicted.")) {
+        field.classList.add("predicted-field");
+        field.title = "Predicted from the photos (heads fitted on this catalogue), not the "
+          + "shop's own labels";
+      }
       const label = element("label", null, labelOf(param));
       label.htmlFor = id;
       select = element("select", "filter-select");
