@@ -108,6 +108,9 @@ class ProductSearch:
             raise
         self.heads_error = None
         self.searcher.heads = loaded  # one assignment: a search uses the old or the new heads
+        # A new fit wrote its predictions, perhaps straight into the store (the fit job on a
+        # Milvus server): recount the values /attributes lists.
+        self.searcher.vocabulary.mark_stale()
         log.info("heads %s in use", wanted)
         return loaded.summary() if loaded is not None else None
 

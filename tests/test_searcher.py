@@ -227,6 +227,12 @@ def test_attributes_list_predictions_which_the_text_parser_does_not_read(searche
     assert searcher.recognised("mauve", Filters()) == {}
     searcher.vocabulary.refresh()
     assert searcher.attributes()["predicted.colour"] == {"Teal": 2, "Red": 1, "Mauve": 1}
+    # A predicted-value filter in any case finds the predicted spelling, though no product
+    # is labelled with it (and a label's spelling still works for predictions).
+    mauve = searcher.nearest("image", query, 10, Filters(predicted={"colour": ["mauve"]}))
+    assert ids(mauve) == ["u3"]
+    assert sorted(ids(searcher.nearest("image", query, 10,
+                                       Filters(predicted={"colour": ["TEAL"]})))) == ["g0", "g1"]
 
 
 def test_hybrid_fuses_photo_and_text_within_filters(searcher):

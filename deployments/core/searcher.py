@@ -52,20 +52,30 @@ class VocabularySnapshot:
     (typed fields and JSON attributes) and, apart, of the fitted heads' stored predictions
     (PREDICTED_FIELDS field -> value -> count); the text-query parser and each field's
     lower-cased value -> catalogue spelling (for filters), both built from the shop's own
-    values only: a value only ever predicted is no attribute word and no spelling."""
+    values only: a value only ever predicted is no attribute word and no spelling of the
+    shop's fields; `predicted_spelling` (for `predicted.<field>` filters) adds the predicted
+    values, so `predicted.colour=mauve` finds a "Mauve" no product is labelled with."""
 
     counts: dict[str, dict[str, int]]
     parser: AttributeVocabulary
     spelling: dict[str, dict[str, str]]
     predicted: dict[str, dict[str, int]] = dataclasses.field(default_factory=dict)
+    predicted_spelling: dict[str, dict[str, str]] = dataclasses.field(default_factory=dict)
 
     @classmethod
     def of(cls, counts: dict[str, dict[str, int]],
            predicted: dict[str, dict[str, int]] | None = None) -> VocabularySnapshot:
         """Build from value counts: the shop's own (`counts`) and the predicted ones."""
-        spelling = {name: {str(v).lower(): v for v in values if isinstance(v, str)}
-                    for name, values in counts.items()}
-        return cls(counts, AttributeVocabulary(counts), spelling, predicted or {})
+        predicted = predicted or {}
+        spelling = {name: _spelling(values) for name, values in counts.items()}
+        guessed = {name: {**spelling.get(name, {}), **_spelling(predicted.get(name, {}))}
+                   for name in {*spelling, *predicted}}
+        return cls(counts, AttributeVocabulary(counts), spelling, predicted, guessed)
+
+
+def _spelling(values: dict[str, int]) -> dict[str, str]:
+    """Lower-cased value -> the catalogue's spelling."""
+    return {str(v).lower(): v for v in values if isinstance(v, str)}
 
 
 class Vocabulary:
@@ -306,7 +316,9 @@ class Searcher:
         extra clause of our own."""
         clauses = [extra] if extra else []
         if filters is not None and not filters.is_empty():
-            clauses.append(filter_expression(filters, self.vocabulary.snapshot.spelling))
+            snapshot = self.vocabulary.snapshot
+            clauses.append(filter_expression(filters, snapshot.spelling,
+                                             snapshot.predicted_spelling))
         return " and ".join(f"({c})" for c in clauses)
 
     # -- catalogue -----------------------------------------------------------------------

@@ -141,10 +141,13 @@ def _cosine(query: np.ndarray, stored: Sequence[float]) -> float:
     return float(query @ vector / norm) if norm > 0 else 0.0
 
 
-def filter_expression(filters: Filters, vocabulary: dict[str, dict[str, str]] | None = None) -> str:
+def filter_expression(filters: Filters, vocabulary: dict[str, dict[str, str]] | None = None,
+                      predicted: dict[str, dict[str, str]] | None = None) -> str:
     """A Milvus boolean expression for the filters, every value escaped. `vocabulary` maps a
-    field's lower-cased values to the catalogue's spelling, so `red` finds `Red`."""
+    field's lower-cased values to the catalogue's spelling, so `red` finds `Red`; `predicted`
+    does the same for the stored predictions' values (default: `vocabulary`)."""
     vocabulary = vocabulary or {}
+    predicted = vocabulary if predicted is None else predicted
     clauses = []
     for name in STRING_FIELDS:
         values = getattr(filters, name)
@@ -159,7 +162,7 @@ def filter_expression(filters: Filters, vocabulary: dict[str, dict[str, str]] | 
         path = f"attributes[{literal(name)}]"  # JSON paths take == only, not `in`
         clauses.append("(" + " or ".join(f"{path} == {literal(v)}" for v in values) + ")")
     for name, values in filters.predicted.items():  # the heads' predictions, not the labels
-        known = vocabulary.get(name, {})
+        known = predicted.get(name, {})
         clauses.append(expr_in(PREDICTED_VALUE[name], [known.get(v.lower(), v) for v in values]))
         if filters.predicted_confidence_min is not None:
             # Confidences are stored as FLOAT (float32): 0.2825 is kept as 0.28249999..., so
