@@ -96,6 +96,33 @@ def test_same_answers_with_filters_and_exclusions(store):
     assert ids and all(i % 2 == 0 for i in ids) and not {150, 152} & set(ids)
 
 
+def test_json_attribute_filters_read_only_their_columns_and_answer_the_same(store):
+    """`attr.<name>` filters run the engine's row-wise evaluator; handed only the columns the
+    expression reads, it keeps the same rows, in flushed segments and unflushed rows, for
+    searches and for queries (count)."""
+    from milvus_lite.search.filter import eval as filter_eval
+
+    def tagged(ids: range, tag: str = "") -> list[Product]:
+        return [p.model_copy(update={"attributes": {"material": ("silk", "wool", "cotton")[
+            int(p.id[1:]) % 3], "split": "a" if int(p.id[1:]) % 2 else "b"}})
+                for p in _products(ids, tag)]
+
+    store.upsert(tagged(range(240)), _vectors(240, IMAGE_DIM, 1), _vectors(240, TEXT_DIM, 2))
+    store.flush()
+    store.upsert(tagged(range(200, 260), " v2"), _vectors(60, IMAGE_DIM, 3),
+                 _vectors(60, TEXT_DIM, 4))  # unflushed
+    expr = filter_expression(Filters(article_type=["Shirt"],
+                                     attributes={"material": ["silk", "cotton"]}))
+    assert lite_search.install() and filter_eval.evaluate_python is lite_search.evaluate_python
+    answers = _both(store, _vectors(10, IMAGE_DIM, 7), filter=expr)
+    ids = [int(pid[1:]) for row in answers for pid, _, _ in row]
+    assert ids and all(i % 2 == 0 and i % 3 != 1 for i in ids)
+    counted = store.count(expr)
+    lite_search.uninstall()
+    assert store.count(expr) == counted == sum(1 for i in range(260) if i % 6 in (0, 2))
+    lite_search.install()
+
+
 def test_cache_follows_a_flush(store):
     """A cached snapshot is not reused once a flush changes the segments."""
     store.upsert(_products(range(100)), _vectors(100, IMAGE_DIM, 1), _vectors(100, TEXT_DIM, 2))
