@@ -44,10 +44,11 @@ def _answers(store: ProductStore, queries: np.ndarray, **kwargs) -> list:
 
 def _both(store: ProductStore, queries: np.ndarray, **kwargs) -> list:
     """Answers of the cached path, after checking the engine's own path gives the same."""
-    from milvus_lite.engine import collection
+    from milvus_lite.engine import collection, projection
 
     assert lite_search.install()
     assert collection.execute_search_with_index is lite_search.execute_search
+    assert projection._is_primary is lite_search.is_primary
     cached = _answers(store, queries, **kwargs)
     lite_search.uninstall()
     engine = _answers(store, queries, **kwargs)
