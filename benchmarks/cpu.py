@@ -20,7 +20,8 @@ import psutil
 
 ROLES = (  # (substring of the command line, role), first match wins
     ("ImageEncoder", "image encoder"), ("TextEncoder", "text encoder"),
-    ("ProductSearch", "search"), ("SearchAPI", "ingress"), ("ProxyActor", "proxy"),
+    ("ProductSearch", "search"), ("SearchAPI", "ingress"), ("haproxy", "haproxy"),
+    ("ProxyActor", "proxy"),
     ("ServeController", "controller"), ("milvus", "milvus"), ("raylet", "raylet"),
     ("gcs_server", "gcs"), ("dashboard", "dashboard"), ("log_monitor", "log monitor"),
     ("ray.serve.scripts", "serve run driver"), ("ray::", "other ray workers"),

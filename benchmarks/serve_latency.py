@@ -228,6 +228,8 @@ def main() -> None:
     app_args["milvus"]["uri"] = str(work / "milvus.db")
     app_args["media_dir"] = str(work / "media")
     app_args["demo"]["dir"] = str(work / "demo")
+    # No fitted heads: an artifact left in the configured folder would change the text path.
+    app_args.setdefault("heads", {})["dir"] = str(work / "heads")
     photos, _ = demo_photos(work / "demo", base.demo.size)
 
     report = {"date": time.strftime("%Y-%m-%d %H:%M"), "config": args.config,

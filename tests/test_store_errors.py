@@ -122,6 +122,8 @@ CALLS = {
     "complete": lambda s: s.complete([Hit(_P, 1.0)]),
     "hybrid_search": lambda s: s.hybrid_search(_V, _T, 5),
     "text_and_photo_search": lambda s: s.text_and_photo_search(_T, 5),
+    "text_and_photo_search/lean": lambda s: s.text_and_photo_search(_T, 5, fields=["colour"]),
+    "image_features": lambda s: s.image_features(["p1"]),
     "annotate": lambda s: s.annotate(
         lambda image, colour: (np.zeros((len(image), TEXT_DIM), np.float32), [{}] * len(image)),
         "v1"),

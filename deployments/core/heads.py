@@ -26,7 +26,7 @@ import hashlib
 import json
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -137,15 +137,18 @@ class Heads:
                             np.asarray(colour_vectors, np.float32)], axis=1)
         return (x - self.mean) / self.std
 
-    def probabilities(self, image_vectors: np.ndarray,
-                      colour_vectors: np.ndarray) -> dict[str, np.ndarray]:
-        """Per fitted field, (n, classes) calibrated probabilities (classes: head.labels)."""
+    def probabilities(self, image_vectors: np.ndarray, colour_vectors: np.ndarray,
+                      fields: Sequence[str] | None = None) -> dict[str, np.ndarray]:
+        """Per fitted field (of `fields`, default all), (n, classes) calibrated probabilities
+        (classes: head.labels)."""
+        heads = {name: head for name, head in self.attributes.items()
+                 if fields is None or name in fields}
         x = self.features(image_vectors, colour_vectors)
         votes = None
-        if self.neighbours is not None and any(h.share > 0 for h in self.attributes.values()):
+        if self.neighbours is not None and any(h.share > 0 for h in heads.values()):
             votes = neighbour_weights(np.asarray(colour_vectors, np.float32), self.neighbours,
                                       self.neighbour_k, self.neighbour_temperature)
-        return {name: head.probabilities(x, votes) for name, head in self.attributes.items()}
+        return {name: head.probabilities(x, votes) for name, head in heads.items()}
 
     def predict(self, image_vectors: np.ndarray, colour_vectors: np.ndarray,
                 top: int = 5) -> list[dict[str, dict[str, float]]]:

@@ -250,15 +250,40 @@ class Searcher:
         recognised = self.recognised(text, filters)
         depth = max(k, self.head_settings.words_candidates)
         narrowed = self.expression(filters, recognised_expression(recognised, predicted=False))
-        hits = self.store.text_and_photo_search(vector, k, narrowed, depth, with_features=True)
+        # Ranking reads only the named fields; the k kept are read in full (`complete`).
+        fields = list(recognised)
+        hits = self.store.text_and_photo_search(vector, k, narrowed, depth, fields=fields)
         if recognised and len(hits) < k:  # top up from the search without the named values
             seen = tuple(h.product.id for h in hits)
             hits += self.store.text_and_photo_search(vector, k - len(hits),
                                                      self.expression(filters), depth, seen,
-                                                     with_features=True)
-        return rank_words_and_photos(hits, recognised, k, explain,
-                                     _named_probabilities(self.heads, hits, recognised),
-                                     self.head_settings.evidence_weight)
+                                                     fields=fields)
+        ranked = rank_words_and_photos(hits, recognised, k, explain,
+                                       self.named_probabilities(hits, recognised),
+                                       self.head_settings.evidence_weight)
+        return self.store.complete(ranked)
+
+    def named_probabilities(self, hits: Sequence[Hit], recognised: dict[str, list[str]],
+                            ) -> list[dict[str, dict[str, float]]] | None:
+        """Per hit, for each recognised field the heads predict and the product has no label
+        of, {value: probability} from its stored image vector and colour descriptor (read
+        only for those products); None without heads or named fields."""
+        heads = self.heads
+        fields = [f for f in recognised if heads is not None and f in heads.attributes]
+        if not fields:
+            return None
+        unlabelled = [h.product.id for h in hits
+                      if any(not getattr(h.product, f) for f in fields)]
+        features = self.store.image_features(unlabelled)
+        ids = [i for i in unlabelled if i in features]
+        if not ids:
+            return [{} for _ in hits]
+        probs = heads.probabilities(np.stack([features[i][0] for i in ids]),
+                                    np.stack([features[i][1] for i in ids]), fields)
+        row = {product_id: j for j, product_id in enumerate(ids)}
+        return [{f: dict(zip(heads.attributes[f].labels, map(float, probs[f][row[h.product.id]]),
+                             strict=True)) for f in fields} if h.product.id in row else {}
+                for h in hits]
 
     def _by_text(self, vector: np.ndarray, text: str, k: int, filters: Filters | None = None,
                  explain: bool = False) -> list[Hit]:
@@ -400,20 +425,6 @@ def _explain_text(hits: list[Hit], recognised: dict[str, list[str]],
                 "evidence": evidence, "score": score}
         scored.append(dataclasses.replace(hit, score=score, signals=signals))
     return sorted(scored, key=lambda h: -h.score)
-
-
-def _named_probabilities(heads: Heads | None, hits: Sequence[Hit],
-                         recognised: dict[str, list[str]],
-                         ) -> list[dict[str, dict[str, float]]] | None:
-    """Per hit, for each recognised field the heads predict, {value: probability} from its
-    stored image vector and colour descriptor (None without heads, named fields or hits)."""
-    fields = [f for f in recognised if heads is not None and f in heads.attributes]
-    if not fields or not hits:
-        return None
-    probs = heads.probabilities(np.stack([h.image for h in hits]),
-                                np.stack([h.colour for h in hits]))
-    return [{f: dict(zip(heads.attributes[f].labels, map(float, probs[f][i]), strict=True))
-             for f in fields} for i in range(len(hits))]
 
 
 def _stamp(hits: list[Hit], heads: Heads | None) -> list[Hit]:

@@ -93,7 +93,6 @@ class Hit:
     colour: np.ndarray | None = None
     signals: dict[str, Any] | None = None
     heads_version: str | None = None  # the fitted heads artifact that ranked it, if any
-    image: np.ndarray | None = None  # its stored image vector, when asked for
     found_by: str | None = None  # with heads, a text search says: "text", "photo" or "both"
 
 
@@ -132,6 +131,15 @@ def expr_in(field: str, values: Iterable[Any]) -> str:
 def _colour(entity: dict[str, Any]) -> np.ndarray | None:
     vector = np.asarray(entity.get(COLOUR_FIELD) or [], dtype=np.float32)
     return vector if vector.size and vector.any() else None
+
+
+def _cosines(query: np.ndarray, stored: Sequence[Sequence[float]]) -> np.ndarray:
+    """(n,) cosines of a query vector and n stored ones (0 where either is all zero)."""
+    if not len(stored):
+        return np.zeros(0)
+    matrix = np.asarray(stored, np.float32)
+    norms = np.linalg.norm(matrix, axis=1) * float(np.linalg.norm(query))
+    return np.where(norms > 0, matrix @ query / np.maximum(norms, 1e-30), 0.0)
 
 
 def _cosine(query: np.ndarray, stored: Sequence[float]) -> float:
@@ -752,16 +760,17 @@ class ProductStore:
     @_backend_errors
     def text_and_photo_search(
         self, text_vector: np.ndarray, k: int, filter: str = "", candidates: int = 100,
-        exclude_ids: Sequence[str] = (), with_features: bool = False,
+        exclude_ids: Sequence[str] = (), fields: Sequence[str] | None = None,
     ) -> list[Hit]:
         """Products found by words through their titles and their photos: one Milvus hybrid
         search (RRF) of the text vectors and the projected photo vectors (PHOTO_TEXT_FIELD;
         only products fitted heads have written) with one text vector ((text_dim,) float32,
         L2-normalised). Each list is max(k, candidates) deep and every product either found is
         returned, best first by fused score (`score`), its `signals` holding its `text` and
-        `photo` cosines to the query (so a caller can tell which list found it);
-        `with_features`: each hit also holds its stored image vector (`image`) and colour
-        descriptor (`colour`), what fitted heads predict from."""
+        `photo` cosines to the query (so a caller can tell which list found it). `fields`
+        (product fields; None: all, validated): each hit's product holds only these and their
+        stored predictions, unvalidated, as `search_pool`'s do, for `complete` to read in full
+        once ranked (hundreds of hits cost little to fetch and decode)."""
         depth = max(k, candidates)
         clauses = [f"({filter})" if filter else "",
                    f"not ({expr_in('id', exclude_ids)})" if exclude_ids else ""]
@@ -772,22 +781,29 @@ class ProductStore:
         requests = [AnnSearchRequest([query.tolist()], field, params, depth, filter=expr or None)
                     for field, expr in ((VECTOR_FIELDS["text"], text_filter),
                                         (PHOTO_TEXT_FIELD, photo_filter))]
-        features = [VECTOR_FIELDS["image"], COLOUR_FIELD] if with_features else []
+        scalars = list(SCALAR_FIELDS) if fields is None else _lean_columns(fields)
         result = self._client.hybrid_search(
             self.collection, requests, RRFRanker(), limit=2 * depth,
-            output_fields=[*SCALAR_FIELDS, VECTOR_FIELDS["text"], PHOTO_TEXT_FIELD, *features],
-            **self._read)
-        hits = []
-        for h in result[0]:
-            row = h["entity"]
-            hit = Hit(self._product(row), float(h["distance"]), signals={
-                "text": _cosine(query, row[VECTOR_FIELDS["text"]]),
-                "photo": _cosine(query, row[PHOTO_TEXT_FIELD])})
-            if with_features:
-                hit.image = np.asarray(row[VECTOR_FIELDS["image"]], np.float32)
-                hit.colour = np.asarray(row[COLOUR_FIELD], np.float32)
-            hits.append(hit)
-        return hits
+            output_fields=[*scalars, VECTOR_FIELDS["text"], PHOTO_TEXT_FIELD], **self._read)
+        rows = [h["entity"] for h in result[0]]
+        text = _cosines(query, [r[VECTOR_FIELDS["text"]] for r in rows])
+        photo = _cosines(query, [r[PHOTO_TEXT_FIELD] for r in rows])
+        return [Hit(self._product(r) if fields is None else _lean_product(r),
+                    float(h["distance"]), signals={"text": float(t), "photo": float(p)})
+                for h, r, t, p in zip(result[0], rows, text, photo, strict=True)]
+
+    @_backend_errors
+    def image_features(self, ids: Sequence[str]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        """Stored image vector ((image_dim,) float32) and colour descriptor ((COLOUR_DIMS,)
+        float32, all zero when none) per id found (the searches' consistency)."""
+        if not ids:
+            return {}
+        rows = self._client.query(
+            self.collection, filter=expr_in("id", ids),
+            output_fields=["id", VECTOR_FIELDS["image"], COLOUR_FIELD], **self._read)
+        return {r["id"]: (np.asarray(r[VECTOR_FIELDS["image"]], np.float32),
+                          np.asarray(r[COLOUR_FIELD] or np.zeros(COLOUR_DIMS), np.float32))
+                for r in rows}
 
     @staticmethod
     def _product(row: dict[str, Any]) -> Product:
@@ -801,6 +817,23 @@ class ProductStore:
 # fields set (model_construct would evaluate every default factory per product, pydantic
 # inspecting each factory's signature: 17 us against 2.4 us, x200 candidates per query).
 _POOL_TEMPLATE = Product.model_construct(id="", title="")
+PRODUCT_COLUMNS = frozenset(f for f in SCALAR_FIELDS if f not in PREDICTION_FIELDS)
+
+
+def _lean_columns(fields: Sequence[str]) -> list[str]:
+    """The columns of a lean product holding `fields`: id, those fields and, for predicted
+    ones, their stored prediction (value, confidence)."""
+    columns = ["id", *(f for f in fields if f != "id")]
+    for name in fields:
+        if name in PREDICTED_VALUE:
+            columns += [PREDICTED_VALUE[name], PREDICTED_CONFIDENCE[name]]
+    return columns
+
+
+def _lean_product(row: dict[str, Any]) -> Product:
+    """An unvalidated product of a lean row (`_lean_columns`), its predictions included."""
+    fields = {k: v for k, v in row.items() if k in PRODUCT_COLUMNS and v is not None}
+    return _pool_product({**fields, "predicted": _predictions(row)})
 
 
 def _pool_product(fields: dict[str, Any]) -> Product:
