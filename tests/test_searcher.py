@@ -368,3 +368,16 @@ def test_words_find_an_untitled_product_through_its_stored_projected_photo(searc
     assert scores == sorted(scores, reverse=True) and 0 < scores[0] <= 1
     searcher.heads = None  # without heads: titles only, as before
     assert "u7" not in ids(searcher.by_text(query, "nothing the vocabulary knows", 10))
+
+
+def test_a_named_field_the_heads_do_not_predict_narrows_by_stored_values(searcher):
+    """Heads predicting colour only: "red shoes" must not narrow to products merely lacking an
+    article type label (nothing weighs their chance of being shoes: evidence 0, as for one
+    labelled otherwise), or asking for fewer results returns another first product."""
+    heads = small_heads("h5")
+    annotate_store(searcher.store, heads)
+    searcher.heads = heads
+    write(searcher, [Product(id=f"x{i}", title=f"Extra {i}") for i in range(5)], seed=300)
+    query = unit(1, TEXT_DIM, 7)[0]
+    many = searcher.by_text(query, "red shoes", 10, explain=True)
+    assert ids(searcher.by_text(query, "red shoes", 1)) == ids(many)[:1]

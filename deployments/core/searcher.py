@@ -242,14 +242,23 @@ class Searcher:
         """With fitted heads: titles and projected photos searched together (one Milvus hybrid
         search, each list max(k, heads.words_candidates) deep), so an untitled product is found
         by its pixels. Attribute words the query names leave out products labelled otherwise
-        (topped up with them when fewer than k remain); a product without a label of a named
-        field counts the probability its photo shows a named value (the heads' full prediction
-        from its stored vectors, not only its stored most likely value).
+        and, of a field the heads do not predict, unlabelled ones whose stored prediction is
+        not a named value (topped up with them when fewer than k remain); a product without a
+        label of a field the heads predict counts the probability its photo shows a named
+        value (the heads' full prediction from its stored vectors, not only its stored most
+        likely value).
         learned.rank_words_and_photos orders the result."""
         filters = filters or Filters()
         recognised = self.recognised(text, filters)
         depth = max(k, self.head_settings.words_candidates)
-        narrowed = self.expression(filters, recognised_expression(recognised, predicted=False))
+        # Any product without a label may show a value of a field the heads weigh
+        # (named_probabilities); of any other field, only one whose stored prediction names it.
+        heads = self.heads
+        weighed = {f: v for f, v in recognised.items()
+                   if heads is not None and f in heads.attributes}
+        rest = {f: v for f, v in recognised.items() if f not in weighed}
+        narrowed = self.expression(filters, " and ".join(c for c in (
+            recognised_expression(weighed, predicted=False), recognised_expression(rest)) if c))
         # Ranking reads only the named fields; the k kept are read in full (`complete`).
         fields = list(recognised)
         hits = self.store.text_and_photo_search(vector, k, narrowed, depth, fields=fields)
