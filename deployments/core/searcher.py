@@ -274,9 +274,10 @@ class Searcher:
 
     def named_probabilities(self, hits: Sequence[Hit], recognised: dict[str, list[str]],
                             ) -> list[dict[str, dict[str, float]]] | None:
-        """Per hit, for each recognised field the heads predict and the product has no label
-        of, {value: probability} from its stored image vector and colour descriptor (read
-        only for those products); None without heads or named fields."""
+        """Per hit lacking a label of some recognised field the heads predict, for each such
+        field {value: probability} (every value of the head) from its stored image vector and
+        colour descriptor (read only for those products); {} for any other hit (labelled, or
+        deleted since the search); None without heads or named fields they predict."""
         heads = self.heads
         fields = [f for f in recognised if heads is not None and f in heads.attributes]
         if not fields:

@@ -837,8 +837,8 @@ def _lean_product(row: dict[str, Any]) -> Product:
 
 
 def _pool_product(fields: dict[str, Any]) -> Product:
-    """An unvalidated product holding `fields` (POOL_FIELDS), the rest at their defaults (fresh
-    mutable ones, so no two share a dict)."""
+    """An unvalidated product holding `fields` (POOL_FIELDS, or a lean row's), the rest at their
+    defaults (fresh mutable ones, so no two share a dict)."""
     return _POOL_TEMPLATE.model_copy(update={"attributes": {}, "predicted": {}, **fields})
 
 
