@@ -58,7 +58,10 @@ def fast_service(tmp_path_factory):
 
 def _stop(proc: subprocess.Popen) -> None:
     """SIGINT (serve run tears down its app and its Ray), then kill what is left of its tree."""
-    tree = psutil.Process(proc.pid).children(recursive=True)
+    try:
+        tree = psutil.Process(proc.pid).children(recursive=True)
+    except psutil.NoSuchProcess:  # it died on its own: wait_healthy has said why
+        return
     proc.send_signal(signal.SIGINT)
     try:
         proc.wait(timeout=60)
