@@ -17,7 +17,8 @@ Split protocol (by photo group, so no photo is on both sides; seeded):
       served (Searcher.by_text with the heads on an embedded Milvus Lite store of the catalogue,
       filtered to the untitled products) and, for reference, the projection's cosine alone and
       the projection with the heads' predicted attributes as log-probability evidence over every
-      untitled product (learned.words_photo_scores: a proposed scoring, not yet served);
+      untitled product (learned.words_photo_scores over all of them: the scoring the service
+      applies to the products its 100-deep lists find);
   (c) attribute prediction accuracy of the untitled products per field (chance: the most common
       value of the titled part);
   plus the time to fit the whole catalogue.
@@ -147,10 +148,12 @@ def text_report(catalogue, vectors: dict, heads, titled: np.ndarray, untitled: n
                 min_support: int = 3) -> dict:
     """(b) words -> untitled photos, from pixels only. "served": exactly what the service
     runs (Searcher.by_text with the heads: titles and stored projected photos searched
-    together by Milvus hybrid search, attribute words matched by labels or, for products
-    without, by stored predictions; learned.rank_words_and_photos), on an embedded Milvus Lite
-    store of the whole catalogue, each query filtered to the untitled products; "projection":
-    the projected photos ranked by cosine alone, without narrowing (a reference)."""
+    together by Milvus hybrid search, attribute words weighed by labels or, for products
+    without, by the heads' probabilities; learned.rank_words_and_photos), on an embedded Milvus
+    Lite store of the whole catalogue, each query filtered to the untitled products;
+    "projection": the projected photos ranked by cosine alone, without narrowing (a reference);
+    "projection + predicted attributes": learned.words_photo_scores over every untitled
+    product (what the served lists approximate)."""
     from benchmarks.quality_metrics import match_all_at_k
     from deployments.core.filters import Filters
     from deployments.core.learned import words_photo_scores
