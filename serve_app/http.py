@@ -155,19 +155,33 @@ async def _on_validation_error(request: Request, exc: RequestValidationError) ->
     return JSONResponse({"error": {"code": "invalid_request", "message": message}}, 422)
 
 
-class RequestLog:
-    """One structured log line (request id, route, status, duration, the route's extra fields)
-    and the request metrics per HTTP request. Plain ASGI: Starlette's `BaseHTTPMiddleware`
-    (`@app.middleware("http")`) runs each request through an extra task and memory streams,
-    which cost the ingress CPU on every query."""
+class HttpMiddleware:
+    """Plain ASGI middleware for HTTP requests (`handle`); anything else (lifespan, websockets),
+    and requests it does not apply to (`applies`), passes straight through. Starlette's
+    `BaseHTTPMiddleware` (`@app.middleware("http")`) runs each request through an extra task and
+    memory streams, which cost the ingress CPU on every query."""
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
 
+    def applies(self) -> bool:
+        return True
+
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
+        if scope["type"] != "http" or not self.applies():
             await self.app(scope, receive, send)
             return
+        await self.handle(scope, receive, send)
+
+    async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
+        raise NotImplementedError
+
+
+class RequestLog(HttpMiddleware):
+    """One structured log line (request id, route, status, duration, the route's extra fields)
+    and the request metrics per HTTP request."""
+
+    async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
         start = time.perf_counter()
         status = 500  # an exception that escapes every handler is answered 500 outside
 
@@ -215,18 +229,12 @@ def body_limit(headers: Headers, limits: LimitSettings | None = None) -> int:
     return limits.max_json_bytes
 
 
-class BodyLimit:
+class BodyLimit(HttpMiddleware):
     """Bounds a request body before it is read: a declared Content-Length over the limit is
     answered 413 at once, and a body that streams past the limit (chunked, or lying about its
     length) is cut off there and answered 413; the route never sees more than the limit."""
 
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
+    async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
         headers = Headers(scope=scope)
         limit = body_limit(headers)
         declared = headers.get("content-length")
@@ -268,19 +276,19 @@ class BodyLimit:
                             "one", code="body_too_large")
 
 
-class ConfiguredCORS:
+class ConfiguredCORS(HttpMiddleware):
     """Starlette's CORSMiddleware for the origins in `http.cors_origins`; with none configured
     (the default) requests pass straight through and no CORS header is ever sent."""
 
     def __init__(self, app: ASGIApp) -> None:
-        self.app = app
+        super().__init__(app)
         self._origins: tuple[str, ...] = ()
         self._cors: CORSMiddleware | None = None
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or not _cors_origins:
-            await self.app(scope, receive, send)
-            return
+    def applies(self) -> bool:
+        return bool(_cors_origins)
+
+    async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
         if self._cors is None or self._origins != _cors_origins:
             self._origins = _cors_origins
             self._cors = CORSMiddleware(

@@ -142,13 +142,6 @@ def _cosines(query: np.ndarray, stored: Sequence[Sequence[float]]) -> np.ndarray
     return np.where(norms > 0, matrix @ query / np.maximum(norms, 1e-30), 0.0)
 
 
-def _cosine(query: np.ndarray, stored: Sequence[float]) -> float:
-    """Cosine of a query vector and a stored one (0 when either is all zero)."""
-    vector = np.asarray(stored, np.float32)
-    norm = float(np.linalg.norm(query) * np.linalg.norm(vector))
-    return float(query @ vector / norm) if norm > 0 else 0.0
-
-
 def filter_expression(filters: Filters, vocabulary: dict[str, dict[str, str]] | None = None,
                       predicted: dict[str, dict[str, str]] | None = None) -> str:
     """A Milvus boolean expression for the filters, every value escaped. `vocabulary` maps a
@@ -748,13 +741,13 @@ class ProductStore:
         fields = list(SCALAR_FIELDS) + (list(VECTOR_FIELDS.values()) if similarities else [])
         result = self._client.hybrid_search(self.collection, requests, fuse, limit=k,
                                             output_fields=fields, **self._read)
-        hits = []
-        for h in result[0]:
-            hit = Hit(self._product(h["entity"]), float(h["distance"]))
-            if similarities:
-                hit.signals = {"visual" if f == "image" else f: _cosine(
-                    q, h["entity"][VECTOR_FIELDS[f]]) for f, q in queries.items()}
-            hits.append(hit)
+        hits = [Hit(self._product(h["entity"]), float(h["distance"])) for h in result[0]]
+        if similarities:
+            cosines = {"visual" if f == "image" else f: _cosines(
+                q, [h["entity"][VECTOR_FIELDS[f]] for h in result[0]])
+                for f, q in queries.items()}
+            for i, hit in enumerate(hits):
+                hit.signals = {name: float(c[i]) for name, c in cosines.items()}
         return hits
 
     @_backend_errors
