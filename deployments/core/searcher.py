@@ -234,10 +234,11 @@ class Searcher:
         titles and stored projected photos are searched together (`by_words_and_photos`)."""
         heads = self.heads
         if heads is not None and heads.projection is not None:
-            return _stamp(self.by_words_and_photos(vector, text, k, filters, explain), heads)
+            return _stamp(self.by_words_and_photos(vector, text, k, heads, filters, explain),
+                          heads)
         return self._by_text(vector, text, k, filters, explain)
 
-    def by_words_and_photos(self, vector: np.ndarray, text: str, k: int,
+    def by_words_and_photos(self, vector: np.ndarray, text: str, k: int, heads: Heads,
                             filters: Filters | None = None, explain: bool = False) -> list[Hit]:
         """With fitted heads: titles and projected photos searched together (one Milvus hybrid
         search, each list max(k, heads.words_candidates) deep), so an untitled product is found
@@ -247,15 +248,14 @@ class Searcher:
         label of a field the heads predict counts the probability its photo shows a named
         value (the heads' full prediction from its stored vectors, not only its stored most
         likely value).
-        learned.rank_words_and_photos orders the result."""
+        learned.rank_words_and_photos orders the result. `heads`: the fit read once by the
+        caller, so a fit loaded mid-search cannot score with one version and stamp another."""
         filters = filters or Filters()
         recognised = self.recognised(text, filters)
         depth = max(k, self.head_settings.words_candidates)
         # Any product without a label may show a value of a field the heads weigh
         # (named_probabilities); of any other field, only one whose stored prediction names it.
-        heads = self.heads
-        weighed = {f: v for f, v in recognised.items()
-                   if heads is not None and f in heads.attributes}
+        weighed = {f: v for f, v in recognised.items() if f in heads.attributes}
         rest = {f: v for f, v in recognised.items() if f not in weighed}
         narrowed = self.expression(filters, " and ".join(c for c in (
             recognised_expression(weighed, predicted=False), recognised_expression(rest)) if c))
@@ -268,17 +268,16 @@ class Searcher:
                                                      self.expression(filters), depth, seen,
                                                      fields=fields)
         ranked = rank_words_and_photos(hits, recognised, k, explain,
-                                       self.named_probabilities(hits, recognised),
+                                       self.named_probabilities(hits, recognised, heads),
                                        self.head_settings.evidence_weight)
         return self.store.complete(ranked)
 
     def named_probabilities(self, hits: Sequence[Hit], recognised: dict[str, list[str]],
-                            ) -> list[dict[str, dict[str, float]]] | None:
+                            heads: Heads | None) -> list[dict[str, dict[str, float]]] | None:
         """Per hit lacking a label of some recognised field the heads predict, for each such
         field {value: probability} (every value of the head) from its stored image vector and
         colour descriptor (read only for those products); {} for any other hit (labelled, or
         deleted since the search); None without heads or named fields they predict."""
-        heads = self.heads
         fields = [f for f in recognised if heads is not None and f in heads.attributes]
         if not fields:
             return None
