@@ -312,6 +312,26 @@ def test_more_filters_reach_typed_and_json_attributes(browser, service):
     assert {a["pattern"] for a in found} == {"Solid"}
 
 
+def test_a_typed_field_and_a_json_attribute_of_one_name_get_their_own_menus(browser, service):
+    """`colour` (the shop's typed field) and `attr.colour` (a JSON attribute of that name) are
+    two filters: each gets its own menu, and each menu's label points at it (unique ids)."""
+    open_page(browser, service, "/?q=t-shirt&colour=White&attr.colour=White&k=6")
+    wait(browser, lambda d: search_count(d) >= 1)
+    menus = {s.get_attribute("data-param"): s for s in
+             browser.find_elements(By.CSS_SELECTOR, "select[data-param]")}
+    assert {"colour", "attr.colour"} <= set(menus)
+    assert menus["colour"].get_attribute("id") != menus["attr.colour"].get_attribute("id")
+    for param, menu in (("colour", menus["colour"]), ("attr.colour", menus["attr.colour"])):
+        assert Select(menu).first_selected_option.get_attribute("value") == "White", param
+        label = browser.find_element(By.CSS_SELECTOR, f"label[for='{menu.get_attribute('id')}']")
+        assert label.get_attribute("textContent") == "Colour", param  # may be folded away
+    duplicates = browser.execute_script(
+        "const ids = [...document.querySelectorAll('[id]')].map((e) => e.id);"
+        "return ids.filter((id, i) => ids.indexOf(id) !== i);")
+    assert duplicates == []
+    assert_no_script_errors(browser)
+
+
 def test_unknown_product_and_empty_search_explain_themselves(browser, service):
     open_page(browser, service, "/?similar=no-such-product")
     wait(browser, lambda d: search_count(d) >= 1)
@@ -452,6 +472,25 @@ def test_a_fit_shows_predicted_attributes_and_found_by_its_photo(browser, servic
         assert Select(browser.find_element(By.ID, "filter-predicted-colour")) \
             .first_selected_option.get_attribute("value") == value
         assert [card.get_attribute("data-id") for card in results(browser)] == ids
+
+        # "Predictions at least 50% sure" keeps only predictions that sure: every one of the
+        # list before that was, and nothing less sure.
+        with httpx.Client(base_url=service, timeout=60) as client:
+            sure = {i for i in ids
+                    if client.get(f"/products/{i}").json()["predicted"]["colour"]["confidence"]
+                    >= 0.5}
+        browser.find_element(By.CSS_SELECTOR, "#more-filters summary").click()  # reloaded
+        before = search_count(browser)
+        Select(browser.find_element(By.CSS_SELECTOR, "select[data-param="
+                                    "'predicted_confidence_min']")).select_by_value("0.5")
+        assert wait_search(browser, before) == "done", error_text(browser)
+        assert query_of(browser)["predicted_confidence_min"] == ["0.5"]
+        assert "predictions at least 50% sure" in browser.find_element(By.ID, "summary").text
+        kept = [card.get_attribute("data-id") for card in results(browser)]
+        with httpx.Client(base_url=service, timeout=60) as client:
+            shown = [client.get(f"/products/{i}").json()["predicted"]["colour"] for i in kept]
+        assert all(p["value"] == value and p["confidence"] >= 0.5 for p in shown), shown
+        assert sure <= set(kept)
         assert_no_script_errors(browser)
     finally:
         httpx.delete(f"{service}/products/untitled-9002", headers=auth_headers, timeout=60)

@@ -16,6 +16,11 @@
 (() => {
   const MAIN_FILTERS = ["category", "article_type", "colour", "gender", "size"];  // shown first
   const PAGE_PARAMS = ["q", "k", "similar"];  // the page's own URL parameters, not filters
+  // How sure a prediction must be for the predicted.* menus to count it (the API's
+  // predicted_confidence_min); offered once some product has a predicted value.
+  const CONFIDENCE = "predicted_confidence_min";
+  const CONFIDENCE_LEVELS = { 0.5: "at least 50% sure", 0.7: "at least 70% sure",
+    0.9: "at least 90% sure" };
   const BUSY_MESSAGE = "The search service is busy or restarting, try again in a moment.";
   const TIMEOUT_MS = 30000;
   const DEFAULT_K = 12;
@@ -111,7 +116,7 @@
   function filterBody(filters) {
     const body = {};
     for (const [name, value] of filters) {
-      if (name === "price_min" || name === "price_max") {
+      if (name === "price_min" || name === "price_max" || name === CONFIDENCE) {
         body[name] = Number(value);
       } else if (name.startsWith("attr.")) {
         const attributes = (body.attributes = body.attributes || {});
@@ -138,7 +143,7 @@
    * without) the attribute list, anything but the page's own parameters. */
   function isFilterParam(name) {
     if (name.startsWith("attr.") || name.startsWith("predicted.")) return true;
-    if (name === "price_min" || name === "price_max") return true;
+    if (name === "price_min" || name === "price_max" || name === CONFIDENCE) return true;
     return state.filterNames ? state.filterNames.has(name) : !PAGE_PARAMS.includes(name);
   }
 
@@ -151,6 +156,7 @@
 
   /* What a shopper reads: "Article type", "Colour (predicted)" (not the shop's own label). */
   function labelOf(param) {
+    if (param === CONFIDENCE) return "Predictions";
     const words = fieldOf(param).replace(/_/g, " ");
     const label = words.charAt(0).toUpperCase() + words.slice(1);
     return param.startsWith("predicted.") ? `${label} (predicted)` : label;
@@ -160,6 +166,9 @@
     return filters.map(([name, value]) => {
       if (name === "price_min") return `price from ${value}`;
       if (name === "price_max") return `price up to ${value}`;
+      if (name === CONFIDENCE) {
+        return `predictions ${CONFIDENCE_LEVELS[value] || `at least ${value} sure`}`;
+      }
       return `${labelOf(name).toLowerCase()}: ${value}`;
     }).join(", ");
   }
@@ -501,14 +510,19 @@
   }
 
   /* One menu per filterable field; `values` maps value -> count. Ids: #filter-colour,
-   * #filter-material (attr.material), #filter-predicted-colour (predicted.colour). */
+   * #filter-material (attr.material), #filter-predicted-colour (predicted.colour); a name
+   * that would take an id already used by another field (`attr.colour` beside `colour`)
+   * gets a numbered one (#filter-colour-2), so each label points at its own menu. */
   function ensureSelect(param, values = {}) {
-    const prefix = param.startsWith("predicted.") ? "filter-predicted-" : "filter-";
-    const id = `${prefix}${fieldOf(param).replace(/[^A-Za-z0-9_-]/g, "_")}`;
-    let select = document.getElementById(id);
+    let select = [...document.querySelectorAll("select[data-param]")]
+      .find((other) => other.dataset.param === param);
     if (!select) {
+      const prefix = param.startsWith("predicted.") ? "filter-predicted-" : "filter-";
+      const base = `${prefix}${fieldOf(param).replace(/[^A-Za-z0-9_-]/g, "_")}`;
+      let id = base;
+      for (let n = 2; document.getElementById(id); n += 1) id = `${base}-${n}`;
       const field = element("div", "field");
-      if (param.startsWith("predicted.")) {
+      if (param.startsWith("predicted.") || param === CONFIDENCE) {
         field.classList.add("predicted-field");
         field.title = "Predicted from the photos (heads fitted on this catalogue), not the "
           + "shop's own labels";
@@ -532,11 +546,14 @@
         moreFiltersGrid().append(field);
       }
     }
+    if (param === CONFIDENCE) values = CONFIDENCE_LEVELS;  // fixed levels, not counts
     const current = select.value;
     const entries = Object.entries(values).sort(([a], [b]) =>
       a.localeCompare(b, undefined, { numeric: true, sensitivity: "base" }));
     const options = [new Option("Any", "")];
-    for (const [value, count] of entries) options.push(new Option(`${value} (${count})`, value));
+    for (const [value, count] of entries) {
+      options.push(new Option(param === CONFIDENCE ? count : `${value} (${count})`, value));
+    }
     if (current && !(current in values)) options.push(new Option(current, current));
     select.replaceChildren(...options);
     select.value = current;
@@ -564,6 +581,9 @@
       for (const [param, values] of Object.entries(fields)) {
         if (MAIN_FILTERS.includes(param) || Object.keys(values).length < 2) continue;
         ensureSelect(param, values);
+      }
+      if (Object.keys(fields).some((param) => param.startsWith("predicted."))) {
+        ensureSelect(CONFIDENCE);
       }
       els.filters.dataset.loaded = "true";
     } catch (exc) {
