@@ -30,10 +30,10 @@ def image_encoder(model_cache):
 
 
 @pytest.fixture(scope="session")
-def text_encoder():
+def text_encoder(model_cache):
     from deployments.core.encoders import TextEncoder
 
-    return TextEncoder(TextModelSettings(), num_threads=2)
+    return TextEncoder(TextModelSettings(cache_dir=model_cache), num_threads=2)
 
 
 @pytest.fixture(scope="session")

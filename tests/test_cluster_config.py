@@ -418,6 +418,8 @@ def test_image_bakes_the_project_and_the_model_cache(settings):
     assert re.search(r"^FROM python:3\.11-slim", dockerfile, re.M)
     assert "pip install" in dockerfile
     assert settings.image_model.cache_dir in dockerfile
+    assert settings.text_model.cache_dir == settings.image_model.cache_dir  # both exported there
+    assert "TextEncoder(TextModelSettings(device='cpu', backend='onnx'" in dockerfile
 
 
 # -- VMs -----------------------------------------------------------------------------------

@@ -124,5 +124,18 @@ def test_text_vectors_do_not_depend_on_batch_company(text_encoder):
 def test_text_model_from_a_local_folder(tmp_path):
     from deployments.core.encoders import default_text_model_path
 
-    encoder = TextEncoder(TextModelSettings(model_path=default_text_model_path(), device="cpu"))
+    encoder = TextEncoder(TextModelSettings(model_path=default_text_model_path(), device="cpu",
+                                            cache_dir=str(tmp_path)))
     assert encoder.embed(["hello"]).shape == (1, 384)
+
+
+def test_text_onnx_and_torch_paths_give_the_same_vectors(text_encoder, model_cache):
+    """Stored text vectors stay valid whichever backend embeds the query: padded batches of
+    mixed lengths included (the export must honour the padding mask at any shape)."""
+    torch_encoder = TextEncoder(TextModelSettings(backend="torch", cache_dir=model_cache))
+    assert text_encoder.backend == "onnx" and torch_encoder.backend == "torch"
+    texts = ["red dress", "black leather shoes for men. Footwear. Shoes",
+             "a much longer sentence about a blue denim jacket with silver buttons " * 3, "mug"]
+    a, b = text_encoder.embed(texts), torch_encoder.embed(texts)
+    assert a.shape == b.shape == (4, 384)
+    assert np.abs(a - b).max() < 1e-4

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -116,30 +117,18 @@ class ImageEncoder:
 
     def _onnx_session(self, model: torch.nn.Module):
         """Export the model to ONNX once (cached by weights) and open a CPU session."""
-        import onnxruntime as ort
 
-        digest = hashlib.sha256()
-        for tensor in model.state_dict().values():
-            digest.update(tensor.detach().cpu().numpy().tobytes()[:4096])
-        name = f"{self.settings.model_name}-{digest.hexdigest()[:16]}.onnx"
-        path = Path(self.settings.cache_dir) / name
-        if not path.exists():
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        def export(path: Path) -> None:
             dummy = torch.zeros(1, 3, *self.preprocessor.input_size)
             torch.onnx.export(
-                model, dummy, str(tmp), input_names=["pixels"], output_names=["features"],
+                model, dummy, str(path), input_names=["pixels"], output_names=["features"],
                 dynamic_axes={"pixels": {0: "n"}, "features": {0: "n"}},
                 opset_version=17, dynamo=False,
             )
-            tmp.replace(path)
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = self.num_threads
-        options.inter_op_num_threads = 1
-        # Spinning worker threads steal the CPU that Ray's own threads and the other replicas
-        # need; measured in a Ray actor: 19.7 -> 11.0 ms per image at batch 1 with spinning off.
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+        name = f"{self.settings.model_name}-{_weights_digest(model)}.onnx"
+        return onnx_cpu_session(_exported(Path(self.settings.cache_dir) / name, export),
+                                self.num_threads)
 
     def embed_pixels(self, pixels: np.ndarray) -> np.ndarray:
         """Embed a uint8 (n, H, W, 3) batch made by `preprocessor.model_pixels`: (n, dim)
@@ -176,6 +165,41 @@ class ImageEncoder:
         return self.embed([decode_image(blob) for blob in blobs])
 
 
+def _weights_digest(model: torch.nn.Module) -> str:
+    """A short hash of a model's weights (the first 4 KB of each tensor): names its export."""
+    digest = hashlib.sha256()
+    for tensor in model.state_dict().values():
+        digest.update(tensor.detach().cpu().numpy().tobytes()[:4096])
+    return digest.hexdigest()[:16]
+
+
+def _exported(path: Path, export) -> Path:
+    """`path`, written by `export(tmp_path)` first if it is missing (a temporary name, then
+    renamed, so replicas starting together never read a half-written file)."""
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        export(tmp)
+        tmp.replace(path)
+    return path
+
+
+def onnx_cpu_session(path: Path, threads: int):
+    """An ONNX Runtime CPU session on `threads` intra-op threads, their spinning off."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    # Spinning worker threads steal the CPU that Ray's own threads and the other replicas
+    # need; measured in a Ray actor: 19.7 -> 11.0 ms per image at batch 1 with spinning off.
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+TEXT_CHUNK = 16  # texts per model call (measured: 16 sorted by length beat 64 unsorted)
+
+
 def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Average token embeddings over the attention mask."""
     weights = mask.unsqueeze(-1).to(hidden.dtype)
@@ -190,7 +214,8 @@ def default_text_model_path() -> str:
 
 
 class TextEncoder:
-    """Embeds text with a transformers model from a local folder, mean-pooled."""
+    """Embeds text with a transformers model from a local folder, mean-pooled. On CPU (backend
+    "auto") the model runs in ONNX Runtime, exported once from the same weights."""
 
     def __init__(self, settings: TextModelSettings, num_threads: int | None = None) -> None:
         from transformers import AutoModel, AutoTokenizer
@@ -201,22 +226,82 @@ class TextEncoder:
             torch.set_num_threads(num_threads)
         path = settings.model_path or default_text_model_path()
         self.tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-        self.model = AutoModel.from_pretrained(path, local_files_only=True).to(self.device).eval()
-        self.dim = int(self.model.config.hidden_size)
+        model = AutoModel.from_pretrained(path, local_files_only=True).to(self.device).eval()
+        self.dim = int(model.config.hidden_size)
         self.model_id = text_model_id(settings)
+        backend = settings.backend
+        if backend == "auto":
+            backend = "onnx" if self.device.type == "cpu" else "torch"
+        self.backend = backend
+        self._inputs = list(self.tokenizer.model_input_names)
+        self._session = (self._onnx_session(path, model, torch.get_num_threads())
+                         if backend == "onnx" else None)
+        self._model = model if self._session is None else None  # ONNX needs no torch copy
+
+    def _onnx_session(self, path: str, model: torch.nn.Module, threads: int):
+        """Export the model to ONNX once (cached by weights) and open a CPU session."""
+        from transformers import AutoModel
+
+        def export(target: Path) -> None:
+            # The eager attention traces to a graph that honours the padding mask for any
+            # batch shape (the default SDPA path traced from one batch did not: vectors off by
+            # up to 0.07).
+            eager = AutoModel.from_pretrained(path, local_files_only=True,
+                                              attn_implementation="eager").eval()
+            sample = self.tokenizer(["a sample", "a longer sample text"], padding=True,
+                                    return_tensors="pt")
+            with warnings.catch_warnings():  # the tracer's notes on BERT internals, not ours
+                warnings.simplefilter("ignore")
+                torch.onnx.export(
+                    _HiddenStates(eager, self._inputs), tuple(sample[k] for k in self._inputs),
+                    str(target), input_names=self._inputs, output_names=["hidden"],
+                    dynamic_axes={k: {0: "n", 1: "tokens"} for k in [*self._inputs, "hidden"]},
+                    opset_version=17, dynamo=False,
+                )
+
+        name = f"text-{_weights_digest(model)}.onnx"
+        return onnx_cpu_session(_exported(Path(self.settings.cache_dir) / name, export), threads)
 
     def embed(self, texts: Sequence[str]) -> np.ndarray:
-        """Embed a batch of strings: (n, dim) float32, L2-normalised (n may be 0)."""
+        """Embed a batch of strings: (n, dim) float32, L2-normalised (n may be 0). The texts
+        are run TEXT_CHUNK at a time in order of length, so each call pads only to its own
+        longest (product texts in a bulk batch of 64: 7.0 -> 5.5 ms of CPU each); a text's
+        vector does not depend on the company it is embedded in."""
+        vectors = np.zeros((len(texts), self.dim), dtype=np.float32)
         if not texts:
-            return np.zeros((0, self.dim), dtype=np.float32)
-        tokens = self.tokenizer(
-            list(texts), padding=True, truncation=True,
-            max_length=self.settings.max_length, return_tensors="pt",
-        ).to(self.device)
+            return vectors
+        tokens = self.tokenizer(list(texts), truncation=True, max_length=self.settings.max_length)
+        order = np.argsort([len(ids) for ids in tokens["input_ids"]], kind="stable")
+        for start in range(0, len(order), TEXT_CHUNK):
+            rows = order[start: start + TEXT_CHUNK]
+            chunk = self.tokenizer.pad({k: [tokens[k][i] for i in rows] for k in self._inputs},
+                                       return_tensors="np")
+            vectors[rows] = self._pooled(chunk)
+        return l2_normalise(vectors)
+
+    def _pooled(self, tokens) -> np.ndarray:
+        """Mean of the last hidden state over each text's tokens: (n, dim) float32."""
+        if self._session is not None:
+            hidden = self._session.run(None, {k: tokens[k].astype(np.int64)
+                                              for k in self._inputs})[0]
+            mask = tokens["attention_mask"][..., None].astype(np.float32)
+            return (hidden * mask).sum(1) / np.maximum(mask.sum(1), 1e-9)
+        batch = {k: torch.from_numpy(tokens[k]).to(self.device) for k in self._inputs}
         with torch.inference_mode():
-            hidden = self.model(**tokens).last_hidden_state
-            pooled = mean_pool(hidden, tokens["attention_mask"])
-        return l2_normalise(pooled.float().cpu().numpy())
+            hidden = self._model(**batch).last_hidden_state
+            return mean_pool(hidden, batch["attention_mask"]).float().cpu().numpy()
+
+
+class _HiddenStates(torch.nn.Module):
+    """A transformers model as a function of its tokenizer's inputs, in order, returning the
+    last hidden state: the shape `torch.onnx.export` needs."""
+
+    def __init__(self, model: torch.nn.Module, inputs: list[str]) -> None:
+        super().__init__()
+        self.model, self.inputs = model, inputs
+
+    def forward(self, *tensors: torch.Tensor) -> torch.Tensor:
+        return self.model(**dict(zip(self.inputs, tensors, strict=True))).last_hidden_state
 
 
 def model_dims(image: ImageModelSettings, text: TextModelSettings) -> tuple[int, int]:

@@ -51,6 +51,10 @@ class TextModelSettings(BaseModel):
     model_path: str | None = None
     max_length: int = Field(128, ge=8, le=512)
     device: Device = "auto"
+    # "auto": ONNX Runtime on CPU (a short query 3x cheaper than torch eager there, the same
+    # vectors to 1e-6; benchmarks/RESULTS.md), torch on CUDA.
+    backend: Literal["auto", "torch", "onnx"] = "auto"
+    cache_dir: str = "./data/model-cache"
 
 
 class BatchingSettings(BaseModel):

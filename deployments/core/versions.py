@@ -94,7 +94,7 @@ class Provenance(BaseModel):
             version=version, image_model=image_model_id(image), image_dim=image_dim,
             image_settings=image.model_dump(exclude={"cache_dir", "device", "backend"}),
             text_model=text_model_id(text), text_dim=text_dim, text_settings=text.model_dump(
-                exclude={"device"}),
+                exclude={"cache_dir", "device", "backend"}),
             index={"type": milvus.index_type, "metric": milvus.metric,
                    "params": milvus.index_params},
             created_at=datetime.now(UTC).isoformat(timespec="seconds"))
@@ -104,7 +104,8 @@ class Provenance(BaseModel):
         return base.model_copy(update=self.image_settings)
 
     def text_model_settings(self, base: TextModelSettings) -> TextModelSettings:
-        """The text model settings that made this collection (device from `base`)."""
+        """The text model settings that made this collection (device and cache from
+        `base`)."""
         return base.model_copy(update=self.text_settings)
 
 
