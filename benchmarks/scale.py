@@ -6,11 +6,14 @@ made of seeds blended with a random other seed plus noise, then L2-normalised. E
 fresh Milvus Lite store with the configured index (configs/config.yaml), filled through
 ProductStore.upsert; queries are held-out blends; recall@10 is against exact (numpy) search,
 kept as a running top 10 per query while the batches are written, so the benchmark holds no
-copy of the catalogue. Memory is the RSS of the measuring process, which runs the embedded
-store: Python, numpy, pymilvus, the Milvus Lite engine (segments' columns, vector indexes,
-memtable) and the 7,036 seed vectors; no encoder models are loaded.
+copy of the catalogue. Each size is built in its own process, one after the other; all stay up,
+and their latencies are then timed in alternating rounds, so every size is measured under the
+same load of this shared machine (a ratio of latencies measured minutes apart is not one).
+Memory is the RSS of each size's process once built, which runs the embedded store: Python,
+numpy, pymilvus, the Milvus Lite engine (segments' columns, vector indexes, memtable) and the
+7,036 seed vectors; no encoder models are loaded.
 
-    .venv/bin/python -m benchmarks.scale --sizes 10000,100000[,300000]
+    .venv/bin/python -m benchmarks.scale --sizes 10000,100000[,300000] [--rounds 5]
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ import psutil
 
 from benchmarks.common import DATASET, OUT, CatalogueEmbedder, read_catalogue
 from deployments.core.demo import generate_demo_catalog
+from deployments.core.errors import BackendUnavailable
 from deployments.core.products import Product
 from deployments.core.settings import load_settings
 from deployments.core.store import ProductStore
@@ -88,10 +92,12 @@ def running_top(best: tuple[np.ndarray, np.ndarray], scores: np.ndarray, first: 
     return np.take_along_axis(all_scores, top, 1), np.take_along_axis(all_ids, top, 1)
 
 
-def measure(size: int, image_seeds: np.ndarray, text_seeds: np.ndarray, queries: int,
-            batch: int = 5000, engine_search: bool = False) -> dict:
-    """Fill a fresh store with `size` products and measure search latency and recall
-    (`engine_search`: Milvus Lite's own per-row search path, for comparison)."""
+def build(size: int, image_seeds: np.ndarray, text_seeds: np.ndarray, queries: int,
+          batch: int = 5000, engine_search: bool = False) -> tuple[ProductStore, np.ndarray,
+                                                                     np.ndarray, dict]:
+    """Fill a fresh store with `size` products and wait until every segment is indexed
+    (`engine_search`: Milvus Lite's own per-row search path, for comparison). Returns the store,
+    the (queries, 1280) probe vectors, their exact top 10 row numbers and the build figures."""
     rng = np.random.default_rng(size)
     settings = load_settings()
     # A long read timeout: this measures latency; during an index build searches take seconds.
@@ -117,28 +123,100 @@ def measure(size: int, image_seeds: np.ndarray, text_seeds: np.ndarray, queries:
     seen = None
     while time.perf_counter() - start < 1800:  # until every segment is indexed and stays so
         t = time.perf_counter()
-        store.search(probe[0], "image", 10)
+        try:
+            store.search(probe[0], "image", 10)
+        except BackendUnavailable:  # past the read timeout while Lite builds an index
+            seen = None
+            continue
         state = engine_segments()
         if time.perf_counter() - t < 0.2 and state == seen and state[1] == 0:
             break
         seen = state
         time.sleep(5)
     settle_s = time.perf_counter() - start
+    me = psutil.Process()  # Milvus Lite may run as a child process: count the whole tree
+    rss = sum(p.memory_info().rss for p in [me, *me.children(recursive=True)]) / 2**20
+    figures = {"size": size, "insert_s": insert_s, "index_settle_s": settle_s,
+               "process_rss_mb": rss, "segments": engine_segments()[0], "work": work}
+    return store, probe, exact[1], figures
+
+
+def timed_queries(store: ProductStore, probe: np.ndarray,
+                  truth: np.ndarray) -> tuple[list[float], float]:
+    """Each probe searched once (top 10 by image vector): (latencies in ms, recall@10 against
+    the exact top 10)."""
     latencies, recalls = [], []
-    for q, truth in zip(probe, exact[1], strict=True):
+    for q, exact in zip(probe, truth, strict=True):
         t = time.perf_counter()
         hits = store.search(q, "image", 10)
         latencies.append((time.perf_counter() - t) * 1000)
-        recalls.append(len({int(h.product.id[1:]) for h in hits} & set(truth.tolist())) / 10)
-    segments = engine_segments()[0]
-    me = psutil.Process()  # Milvus Lite may run as a child process: count the whole tree
-    rss = sum(p.memory_info().rss for p in [me, *me.children(recursive=True)]) / 2**20
+        recalls.append(len({int(h.product.id[1:]) for h in hits} & set(exact.tolist())) / 10)
+    return latencies, float(np.mean(recalls))
+
+
+def serve_size(size: int, image_seeds: np.ndarray, text_seeds: np.ndarray, queries: int,
+               engine_search: bool) -> None:
+    """A child process: build one size, print its figures, then answer "measure" lines on
+    stdin with one round of timed queries each (so the parent can time every size side by
+    side, alternating, once all are built) until "quit"."""
+    store, probe, truth, figures = build(size, image_seeds, text_seeds, queries,
+                                         engine_search=engine_search)
+    print("BUILT " + json.dumps(figures), flush=True)
+    for line in sys.stdin:
+        if line.strip() != "measure":
+            break
+        # Untimed: an idle gRPC channel to the embedded server may have been closed (its
+        # keep-alive pings refused) and reconnects on the first call.
+        store.search(probe[0], "image", 10)
+        latencies, recall = timed_queries(store, probe, truth)
+        print("ROUND " + json.dumps({"latencies": latencies, "recall": recall}), flush=True)
     store.close()
-    shutil.rmtree(work, ignore_errors=True)
-    return {"size": size, "insert_s": insert_s, "index_settle_s": settle_s,
-            "p50_ms": float(np.percentile(latencies, 50)),
-            "p99_ms": float(np.percentile(latencies, 99)),
-            "recall_at_10": float(np.mean(recalls)), "process_rss_mb": rss, "segments": segments}
+    shutil.rmtree(figures["work"], ignore_errors=True)
+
+
+def _reply(child: subprocess.Popen, tag: str) -> dict:
+    """The child's next line starting with `tag`, decoded (RuntimeError if it died)."""
+    for line in child.stdout:
+        if line.startswith(tag + " "):
+            return json.loads(line[len(tag) + 1:])
+    raise RuntimeError(f"scale child exited with {child.wait()} before {tag}")
+
+
+def measure_side_by_side(sizes: list[int], args: argparse.Namespace) -> list[dict]:
+    """Build each size in its own child process, one after the other, keep them all running,
+    then time `args.rounds` rounds of queries alternating between the sizes: every size's
+    latency is measured under the same machine load (this machine is shared)."""
+    children = []
+    try:
+        for size in sizes:
+            command = [sys.executable, "-m", "benchmarks.scale", "--one", str(size),
+                       "--seeds", str(args.seeds), "--queries", str(args.queries)]
+            child = subprocess.Popen(
+                command + (["--engine-search"] if args.engine_search else []),
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+            children.append(child)
+            figures = _reply(child, "BUILT")
+            print(f"{size:>8} vectors built: insert {figures['insert_s']:.0f} s, index settle "
+                  f"{figures['index_settle_s']:.0f} s, RSS {figures['process_rss_mb']:.0f} MB, "
+                  f"{figures['segments']} segments", flush=True)
+            child.figures, child.latencies, child.recalls = figures, [], []
+        for _ in range(args.rounds):
+            for child in children:
+                child.stdin.write("measure\n")
+                child.stdin.flush()
+                round_ = _reply(child, "ROUND")
+                child.latencies += round_["latencies"]
+                child.recalls.append(round_["recall"])
+    finally:
+        for child in children:
+            if child.poll() is None:
+                child.stdin.write("quit\n")
+                child.stdin.close()
+                child.wait(timeout=120)
+    return [{**{k: v for k, v in c.figures.items() if k != "work"},
+             "p50_ms": float(np.percentile(c.latencies, 50)),
+             "p99_ms": float(np.percentile(c.latencies, 99)),
+             "recall_at_10": float(np.mean(c.recalls))} for c in children]
 
 
 def main() -> None:
@@ -150,30 +228,24 @@ def main() -> None:
     parser.add_argument("--engine-search", action="store_true",
                         help="Milvus Lite's own per-row search path (lite_search_cache off)")
     parser.add_argument("--json", type=Path, default=OUT / "scale.json")
+    parser.add_argument("--rounds", type=int, default=5,
+                        help="rounds of the queries per size, alternating between the sizes")
     parser.add_argument("--one", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     image_seeds, text_seeds = seed_vectors(args.seeds)
     if args.one:  # a child process: Milvus Lite cannot reopen a store after closing one
-        print("RESULT " + json.dumps(measure(args.one, image_seeds, text_seeds, args.queries,
-                                             engine_search=args.engine_search)))
+        serve_size(args.one, image_seeds, text_seeds, args.queries, args.engine_search)
         return
     milvus = load_settings().milvus
     config = {"index_type": milvus.index_type, "index_params": milvus.index_params,
               "search_params": milvus.search_params,
               "lite_search_cache": milvus.lite_search_cache and not args.engine_search}
     print(f"seeds: {len(image_seeds)} real products; {config}")
-    results = []
-    for size in args.sizes:
-        command = [sys.executable, "-m", "benchmarks.scale", "--one", str(size),
-                   "--seeds", str(args.seeds), "--queries", str(args.queries)]
-        out = subprocess.run(command + (["--engine-search"] if args.engine_search else []),
-                             capture_output=True, text=True, check=True).stdout
-        results.append(json.loads(out.split("RESULT ")[-1]))
-        r = results[-1]
-        print(f"{r['size']:>8} vectors: insert {r['insert_s']:.0f} s, index settle "
-              f"{r['index_settle_s']:.0f} s, search p50 {r['p50_ms']:.1f} ms p99 "
-              f"{r['p99_ms']:.1f} ms, recall@10 {r['recall_at_10']:.3f}, RSS "
-              f"{r['process_rss_mb']:.0f} MB, {r['segments']} segments", flush=True)
+    results = measure_side_by_side(args.sizes, args)
+    for r in results:
+        print(f"{r['size']:>8} vectors: search p50 {r['p50_ms']:.1f} ms p99 {r['p99_ms']:.1f} "
+              f"ms, recall@10 {r['recall_at_10']:.3f} ({args.rounds} rounds of "
+              f"{args.queries} queries, alternating with the other sizes)", flush=True)
     growth = []
     for small, big in zip(results, results[1:], strict=False):
         added = big["size"] - small["size"]
@@ -190,6 +262,7 @@ def main() -> None:
         print(f"{first['size']} -> {last['size']}: p50 x{last['p50_ms'] / first['p50_ms']:.2f}")
     args.json.parent.mkdir(exist_ok=True)
     args.json.write_text(json.dumps({"date": time.strftime("%Y-%m-%d %H:%M"), "config": config,
+                                     "rounds": args.rounds, "queries": args.queries,
                                      "results": results, "growth": growth}, indent=2))
 
 
