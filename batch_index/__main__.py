@@ -12,11 +12,10 @@ import argparse
 import hashlib
 import json
 import logging
-import os
 import sys
 from pathlib import Path
 
-from batch_index import versions
+from batch_index import service, versions
 from deployments.core.catalog import read_csv_catalog, read_folder_catalog
 from deployments.core.errors import SearchError
 from deployments.core.settings import DEFAULT_CONFIG, AppSettings, load_settings
@@ -194,9 +193,9 @@ def cmd_index(args: argparse.Namespace, settings: AppSettings) -> int:
         image_actor_cpus=args.image_actor_cpus, text_actor_cpus=args.text_actor_cpus,
         task_cpus=args.task_cpus, decode_tasks=args.decode_tasks,
         writers=args.writers or (1 if settings.milvus.is_lite else 4),
-        ray_address=_ray_address(args),
+        ray_address=service.ray_address(args),
     )
-    search = _service_handle(args, settings)
+    search = service.running_search(args, settings)
     if search is not None:
         if args.collection or args.milvus_uri:
             raise SystemExit("the running service owns the Milvus Lite store and writes to its "
@@ -251,9 +250,9 @@ def _fit(args: argparse.Namespace, settings: AppSettings, search=None, store=Non
     """Fit, save and print the heads; None when the catalogue is below heads.min_products."""
     from batch_index.fit import run_fit
 
-    _ensure_ray(args)
+    service.ensure_ray(args)
     if search is None and store is None:
-        search = _service_handle(args, settings)
+        search = service.running_search(args, settings)
         if search is None:
             store = open_store(settings)
     heads = run_fit(settings, search, store)
@@ -263,39 +262,6 @@ def _fit(args: argparse.Namespace, settings: AppSettings, search=None, store=Non
         return None
     print("heads " + json.dumps(heads.summary()))
     return heads
-
-
-def _ray_address(args: argparse.Namespace) -> str | None:
-    """Where Ray runs: --address, else RAY_ADDRESS, else None (a local Ray, or the job's)."""
-    return args.address or os.environ.get("RAY_ADDRESS")
-
-
-def _ensure_ray(args: argparse.Namespace) -> None:
-    """Connect to (or start) Ray, once; only steps that use it call this, so a rerun that
-    finds nothing changed, direct to Milvus, needs no Ray at all."""
-    import ray
-
-    if not ray.is_initialized():
-        ray.init(address=_ray_address(args))
-
-
-def _service_handle(args: argparse.Namespace, settings: AppSettings):
-    """ProductSearch's handle when the job should write through the running service."""
-    if args.via_service == "no" or (args.via_service == "auto" and not settings.milvus.is_lite):
-        return None
-    from ray import serve
-
-    _ensure_ray(args)
-    try:
-        apps = serve.status().applications
-    except Exception:  # no Serve on this cluster
-        apps = {}
-    running = args.app_name in apps and str(apps[args.app_name].status).endswith("RUNNING")
-    if not running:
-        if args.via_service == "yes":
-            raise SystemExit(f"Serve application {args.app_name!r} is not running")
-        return None
-    return serve.get_deployment_handle("ProductSearch", app_name=args.app_name)
 
 
 def main(argv: list[str] | None = None) -> int:

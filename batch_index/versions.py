@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from batch_index.service import ensure_ray, running_search
 from deployments.core.catalog import CatalogRow
 from deployments.core.settings import AppSettings, load_settings
 
@@ -94,7 +95,7 @@ def _admin(args: argparse.Namespace, settings: AppSettings):
     """VersionAdmin in-process (direct to Milvus) or through the service."""
     from deployments.core.versions import VersionAdmin
 
-    handle = _handle(args, settings)
+    handle = running_search(args, settings)
     if handle is not None:
         print(f"going through the running service {args.app_name!r} (it owns the store)")
         return ServiceAdmin(handle)
@@ -103,27 +104,6 @@ def _admin(args: argparse.Namespace, settings: AppSettings):
     store = open_store(settings)
     _OPENED.append(store)
     return VersionAdmin(store)
-
-
-def _handle(args: argparse.Namespace, settings: AppSettings):
-    if args.via_service == "no" or (args.via_service == "auto" and not settings.milvus.is_lite):
-        return None
-    import os
-
-    import ray
-    from ray import serve
-
-    if not ray.is_initialized():
-        ray.init(address=args.address or os.environ.get("RAY_ADDRESS") or "auto")
-    try:
-        apps = serve.status().applications
-    except Exception:  # no Serve on this cluster
-        apps = {}
-    if args.app_name in apps and str(apps[args.app_name].status).endswith("RUNNING"):
-        return serve.get_deployment_handle("ProductSearch", app_name=args.app_name)
-    if args.via_service == "yes":
-        raise SystemExit(f"Serve application {args.app_name!r} is not running")
-    return None
 
 
 def new_settings(args: argparse.Namespace, live: AppSettings) -> AppSettings:
@@ -174,10 +154,6 @@ def sync(admin, live: str, new: str, settings: AppSettings, media_dir: str,
     fingerprints an earlier pass read), only what changed in the live version since then, and
     never over a product the new version got newer writes for. The result's `snapshot` is the
     live fingerprints this pass read."""
-    import os
-
-    import ray
-
     from batch_index import pipeline
 
     products = admin.products(live)
@@ -188,8 +164,7 @@ def sync(admin, live: str, new: str, settings: AppSettings, media_dir: str,
             for i, p in enumerate(products) if p.id in todo]
     indexed = 0
     if rows:
-        if not ray.is_initialized():
-            ray.init(address=args.address or os.environ.get("RAY_ADDRESS"))
+        ensure_ray(args)
         summary = pipeline.run_index(rows, [], settings, known, VersionWriter(admin, new),
                                      _options(args))
         if summary.rejected:

@@ -23,7 +23,8 @@ from batch_index import pipeline
 from benchmarks.common import Record, run_load
 from deployments.core.catalog import read_csv_catalog
 from deployments.core.demo import generate_demo_catalog
-from deployments.core.settings import AppSettings
+from deployments.core.errors import BackendUnavailable
+from deployments.core.settings import AppSettings, MilvusSettings
 from deployments.core.store import ProductStore
 from serve_app.app import build_app
 from tests.support import free_port, wait_healthy
@@ -47,6 +48,19 @@ def wait_for(predicate, timeout: float, what: str) -> float:
             raise TimeoutError(what)
         time.sleep(0.5)
     return time.monotonic() - start
+
+
+def open_when_free(milvus: MilvusSettings, timeout: float = 60) -> ProductStore:
+    """Open the Lite store once the search replica has let go of it: serve.shutdown() can return
+    before that replica's process, which holds Milvus Lite's data-dir lock, has exited."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return ProductStore(milvus)
+        except BackendUnavailable:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(1)
 
 
 def main(work: Path) -> dict:
@@ -102,7 +116,7 @@ def main(work: Path) -> dict:
     serve.shutdown()
 
     rows, rejects = read_csv_catalog(csv_path)
-    store = ProductStore(settings.milvus.model_copy(update={"collection": "job"}))
+    store = open_when_free(settings.milvus.model_copy(update={"collection": "job"}))
     store.ensure_collection(1280, 384)
     summary = pipeline.run_index(
         rows, rejects, settings, {}, pipeline.direct_writer(settings, store),

@@ -4,6 +4,8 @@ stopped and restarted, killing a Serve replica, free ports, polling /healthz, ph
 from __future__ import annotations
 
 import io
+import json
+import shutil
 import signal
 import socket
 import subprocess
@@ -103,6 +105,51 @@ def wait_healthy(url: str, products: int = 0, timeout: float = 180,
     raise TimeoutError(f"service not healthy in {timeout}s: {last}")
 
 
+def request_log_entries(serve_logs: Path, request_ids: list[str], timeout: float = 30,
+                        app: str = "shopsearch") -> dict[str, dict]:
+    """The ingress's request log line (its JSON fields) of each of `request_ids` (Serve's
+    x-request-id), from the app's SearchAPI replica logs in `serve_logs` (a Ray session's
+    logs/serve), polled until all are there or `timeout` seconds pass; missing ones are absent."""
+    deadline = time.monotonic() + timeout
+    found: dict[str, dict] = {}
+    while True:
+        for path in serve_logs.glob(f"replica_{app}_SearchAPI_*.log"):
+            for line in path.read_text(errors="ignore").splitlines():
+                entry = _request_entry(line)
+                if entry is not None and entry.get("request_id") in request_ids:
+                    found[entry["request_id"]] = entry
+        if len(found) == len(set(request_ids)) or time.monotonic() > deadline:
+            return found
+        time.sleep(0.5)
+
+
+def _request_entry(line: str) -> dict | None:
+    """The fields of the ingress's `request {...}` log line; with Serve's JSON log encoding
+    (the shipped configs) that text is the record's `message`."""
+    if line.startswith("{"):
+        try:
+            line = str(json.loads(line).get("message", ""))
+        except ValueError:
+            return None
+    if "request {" not in line:
+        return None
+    return json.loads(line[line.index("request {") + len("request "):])
+
+
+def job_photos(folder: Path, n: int = 6) -> Path:
+    """A bare folder of the first `n` demo photos named job-0000.jpg, ...: a catalogue for
+    `batch_index index --images` whose products are new to a service holding the demo
+    catalogue (the same photos as demo-0000..., so they have the same vectors)."""
+    from deployments.core.demo import generate_demo_catalog
+
+    photos = folder / "photos"
+    generate_demo_catalog(folder / "d", n=n)
+    shutil.copytree(folder / "d" / "images", photos)
+    for p in photos.iterdir():
+        p.rename(photos / p.name.replace("demo-", "job-"))
+    return photos
+
+
 def jpeg_bytes(image: Image.Image, quality: int = 90) -> bytes:
     """Encode an image as JPEG bytes."""
     buf = io.BytesIO()
@@ -133,8 +180,6 @@ def perturbed_checkpoint(path: Path, noise: float = 0.3) -> Path:
 def write_config(path: Path, settings, app_name: str = "shopsearch") -> Path:
     """A Serve config file holding these settings as its app's args (what the CLI reads);
     write keys are left out (they never go into files)."""
-    import json
-
     import yaml
 
     args = json.loads(settings.model_dump_json(exclude={"auth"}))

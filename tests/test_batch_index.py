@@ -22,7 +22,7 @@ from deployments.core.heads import CURRENT, current_version, heads_folder
 from deployments.core.products import Product
 from deployments.core.store import ProductStore
 from deployments.core.writes import stamp
-from tests.support import write_config
+from tests.support import job_photos, write_config
 
 FIELDS = ["id", "title", "category", "subcategory", "article_type", "colour", "gender", "season",
           "usage", "image", "year", "price"]
@@ -319,11 +319,7 @@ def test_rerun_embeds_only_changed_rows_and_nothing_when_none_changed(
 @pytest.mark.integration
 def test_job_writes_through_the_running_service(service, service_settings, tmp_path, capsys):
     """With the service owning Milvus Lite, the job writes through its search deployment."""
-    folder = tmp_path / "photos"
-    generate_demo_catalog(tmp_path / "d", n=6)
-    shutil.copytree(tmp_path / "d" / "images", folder)
-    for p in folder.iterdir():
-        p.rename(folder / p.name.replace("demo-", "job-"))
+    folder = job_photos(tmp_path)
     config = tmp_path / "config.yaml"
     config.write_text(yaml.safe_dump({"applications": [{
         "name": "shopsearch", "import_path": "serve_app.app:build_app",

@@ -399,15 +399,14 @@ def test_a_fit_shows_predicted_attributes_and_found_by_its_photo(browser, servic
     import shutil
     import time
 
-    from ray import serve
-
     from batch_index.fit import run_fit
+    from batch_index.service import search_handle
     from deployments.core.demo import draw_product
     from tests.support import jpeg_bytes
 
     settings = service_settings.model_copy(update={"heads": service_settings.heads.model_copy(
         update={"min_products": 10, "min_field_products": 10, "min_class_products": 2})})
-    heads = run_fit(settings, serve.get_deployment_handle("ProductSearch", app_name="shopsearch"))
+    heads = run_fit(settings, search_handle())
     folder = f"{service_settings.heads.dir}/{service_settings.milvus.collection}"
     try:
         wait_until = time.monotonic() + 30

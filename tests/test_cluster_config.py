@@ -328,6 +328,17 @@ def test_proxies_on_every_node_behind_the_worker_readiness_probe():
         assert (probe["path"], probe["port"]) == ("/-/healthz", port), name
 
 
+def test_every_ray_pod_runs_the_fast_http_path():
+    """Its variables are read when Ray starts on a pod, so every Ray pod (head, where jobs run,
+    and workers, where HAProxy answers the Service's port) sets the same ones, the request-log
+    buffer of 1 included (README "Faster HTTP path")."""
+    from tests.test_fast_http import FAST
+
+    for name, container in ray_containers().items():
+        env = env_of(container)
+        assert {k: env.get(k, {}).get("value") for k in FAST} == FAST, name
+
+
 # -- the Ray cluster -----------------------------------------------------------------------
 def test_rayservice_cluster_shape():
     import ray

@@ -21,6 +21,7 @@ from tests.support import (
     jpeg_bytes,
     kill_replica,
     replica_actor_names,
+    request_log_entries,
     wait_healthy,
 )
 
@@ -234,15 +235,7 @@ def test_logs_and_metrics_show_each_request(service):
     bad = httpx.post(f"{service}/search/text", json={"query": ""}, timeout=30)
     bad_id = bad.headers["x-request-id"]
     logs = Path(global_worker.node.get_session_dir_path()) / "logs" / "serve"
-    deadline = time.monotonic() + 30
-    lines: dict[str, dict] = {}
-    while time.monotonic() < deadline and len(lines) < 2:
-        for path in logs.glob("replica_shopsearch_SearchAPI_*.log"):
-            for line in path.read_text().splitlines():
-                if "request {" in line and (request_id in line or bad_id in line):
-                    entry = json.loads(line[line.index("request {") + len("request "):])
-                    lines[entry["request_id"]] = entry
-        time.sleep(0.5)
+    lines = request_log_entries(logs, [request_id, bad_id])
     ok, failed = lines[request_id], lines[bad_id]
     assert ok["route"] == "/search/text" and ok["status"] == 200 and ok["duration_ms"] > 0
     assert ok["modality"] == "text" and ok["k"] == 2 and ok["results"] == 2

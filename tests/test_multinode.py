@@ -19,6 +19,12 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_two_nodes_spread_survive_a_node_loss_and_share_the_index_job(tmp_path):
     # Its own process: this needs a fresh multi-node Ray, not the session's local instance.
     env = {**os.environ, "PYTHONPATH": str(ROOT), "RAY_AUTH_MODE": "disabled"}
+    # Without HAProxy even when the fast HTTP path's variable is exported: HAProxy listens on
+    # fixed ports (the HTTP port, its stats and metrics ports), and the simulated nodes share
+    # this machine's address with each other and with the session's test service, so a second
+    # HAProxy fails to listen. Real nodes (machines, pods) each have their own address; the
+    # scenario tests spreading and node loss, not the proxy.
+    env.pop("RAY_SERVE_ENABLE_HA_PROXY", None)
     run = subprocess.run([sys.executable, str(ROOT / "tests" / "multinode_scenario.py"),
                           str(tmp_path)], capture_output=True, text=True, timeout=900, env=env,
                          cwd=ROOT)

@@ -313,6 +313,7 @@ def test_rebuild_and_swap_on_embedded_lite_through_the_service(service, settings
     from ray import serve
 
     from batch_index.__main__ import main as batch_index
+    from batch_index.service import search_handle
     from batch_index.versions import ServiceAdmin
     from deployments.core.demo import draw_product
     from serve_app.app import build_app
@@ -401,7 +402,7 @@ def test_rebuild_and_swap_on_embedded_lite_through_the_service(service, settings
                         files={"image": ("n.jpg", new_photo)})
         scores = {h["id"]: h["explain"]["visual"] for h in r.json()["results"]}
         assert scores.get("added-during-rebuild", 0) > 0.99, scores
-        admin = ServiceAdmin(serve.get_deployment_handle("ProductSearch", app_name=app))
+        admin = ServiceAdmin(search_handle(app))
         v2_ids = set(admin.fingerprints("catalog__v2"))
         assert "added-during-rebuild" in v2_ids and ids[6] not in v2_ids
         assert admin.provenance("catalog__v2")["image_settings"]["weights"] == str(weights)
@@ -415,7 +416,7 @@ def test_rebuild_and_swap_on_embedded_lite_through_the_service(service, settings
         for pid, top in before.items():
             assert _top(client, photos[pid])[0] == top[0]
         assert batch_index(["gc", "--keep", "1", *cli]) == 0
-        admin = ServiceAdmin(serve.get_deployment_handle("ProductSearch", app_name=app))
+        admin = ServiceAdmin(search_handle(app))
         assert [v["collection"] for v in admin.versions()] == ["catalog__v1", "catalog__v2"]
         client.close()
     finally:

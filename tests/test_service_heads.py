@@ -52,9 +52,8 @@ def _listed_predictions(client: httpx.Client, photo: bytes, timeout: float = 30)
 
 
 def test_service_picks_up_a_new_fit_without_restart(service, service_settings):
-    from ray import serve
-
     from batch_index.fit import run_fit
+    from batch_index.service import search_handle
 
     assert httpx.get(f"{service}/healthz", timeout=10).json()["heads"] is None
     before = httpx.post(f"{service}/search/text", json={"query": "red dress", "k": 5},
@@ -79,7 +78,7 @@ def test_service_picks_up_a_new_fit_without_restart(service, service_settings):
     try:
         settings = service_settings.model_copy(update={"heads": service_settings.heads.model_copy(
             update={"min_products": 10, "min_field_products": 10, "min_class_products": 2})})
-        handle = serve.get_deployment_handle("ProductSearch", app_name="shopsearch")
+        handle = search_handle()
         heads = run_fit(settings, handle)
         assert heads is not None and heads.projection is not None
         assert {"article_type", "colour"} <= set(heads.attributes)
@@ -127,13 +126,12 @@ def test_a_fit_predicts_stored_attributes_and_words_find_untitled_photos(
     """After a fit, every stored product carries predicted attributes with confidence (apart
     from its labels, filterable); a product stored untitled and unlabelled gets them at once
     and a text query finds it through its photo; scores descend."""
-    from ray import serve
-
     from batch_index.fit import run_fit
+    from batch_index.service import search_handle
 
     settings = service_settings.model_copy(update={"heads": service_settings.heads.model_copy(
         update={"min_products": 10, "min_field_products": 10, "min_class_products": 2})})
-    heads = run_fit(settings, serve.get_deployment_handle("ProductSearch", app_name="shopsearch"))
+    heads = run_fit(settings, search_handle())
     _wait_heads(service, heads.version)
     client = httpx.Client(base_url=service, timeout=60)
     try:
