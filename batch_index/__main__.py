@@ -53,9 +53,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                        "autoscaler sees the load)")
     index.add_argument("--text-actor-cpus", type=float, default=0.1)
     index.add_argument("--task-cpus", type=float, default=0.1,
-                       help="CPUs each read/decode task reserves")
+                       help="CPUs each read/decode task reserves (with --num-gpus; on CPU "
+                            "the image actors decode)")
     index.add_argument("--decode-tasks", type=int, default=2,
-                       help="read/decode tasks running at once (raise on a cluster)")
+                       help="read/decode tasks running at once, with --num-gpus (raise on a "
+                            "cluster)")
     index.add_argument("--writers", type=int, help="parallel writers (server only; default 4)")
     index.add_argument("--via-service", choices=["auto", "yes", "no"], default="auto",
                        help="write through the running service (auto: when it owns Lite)")

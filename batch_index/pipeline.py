@@ -3,6 +3,7 @@
     rows -> driver   read + hash each photo, stamp the fingerprint, drop unchanged rows
                      (plan_rows: nothing decoded; an unchanged catalogue stops here)
          -> [tasks]  read photo, decode + resize (ImagePreprocessor), product text to embed
+                     (GPU image actors only: on CPU the image actors decode themselves)
          -> [actors] image vectors (encoders.ImageEncoder, batched)
          -> [actors] text vectors  (encoders.TextEncoder, batched)
          -> driver   writes batches (products, the photo bytes read by the task, vectors):
@@ -49,10 +50,10 @@ class IndexOptions:
     image_actors: int = 1
     text_actors: int = 1
     image_threads: int = 2
+    # Decode tasks (GPU image actors only; on CPU the image actors decode): their CPU
+    # reservation, and how many run at once. Without a cap Ray Data runs 2 / task_cpus of them
+    # (20 on 2 cores), decoding far ahead of the encoder while it still loads its model.
     task_cpus: float = 0.1
-    # Decode tasks running at once. Without a cap Ray Data runs 2 / task_cpus of them (20 on
-    # 2 cores): each a worker process with torch imported, decoding far ahead of the encoder
-    # while the encoder actors still load their models.
     decode_tasks: int = 2
     image_actor_cpus: float = 0.25
     text_actor_cpus: float = 0.1
@@ -133,14 +134,21 @@ def plan_rows(rows: list[CatalogRow], known: dict[str, str], force: bool,
 
 # -- stages 2 and 3: actor pools -----------------------------------------------------------
 class ImageEmbedder:
-    """Actor: embeds the decoded photos of a batch with the shared image encoder."""
+    """Actor: embeds the decoded photos of a batch with the shared image encoder. With
+    `decode`, it first reads and decodes them itself (`load_images`): on CPU that saves moving
+    every photo's pixels (150 KB each) through Ray's object store from a decode task and the
+    decode workers' own start-up (benchmarks/RESULTS.md, "Bulk index"); a GPU actor leaves
+    decoding to CPU tasks so the GPU does not wait on it."""
 
-    def __init__(self, settings: AppSettings, threads: int) -> None:
+    def __init__(self, settings: AppSettings, threads: int, decode: bool = False) -> None:
         from deployments.core import encoders  # torch: only where a model runs
 
         self.encoder = encoders.ImageEncoder(settings.image_model, num_threads=threads)
+        self.preprocessor = self.encoder.preprocessor if decode else None
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if self.preprocessor is not None:
+            batch = load_images(batch, preprocessor=self.preprocessor)
         ok = batch["status"] == OK
         vectors = np.zeros((len(ok), self.encoder.dim), dtype=np.float32)
         colours = np.zeros((len(ok), COLOUR_DIMS), dtype=np.float32)
@@ -176,19 +184,23 @@ def build_dataset(rows: list[CatalogRow], settings: AppSettings,
     """The lazy Ray Data graph over the rows to embed (stamped by `plan_rows`)."""
     items = [{"row": r.row, "id": r.id, "product_json": r.product_json,
               "image_path": r.image_path} for r in rows]
-    preprocessor = ImagePreprocessor.for_settings(settings.image_model)
     # Ray Data's default scheduling strategy is SPREAD, so the actor pools and tasks spread
     # across the cluster's nodes.
     blocks = max(1, len(items) // options.batch_size)
+    dataset = ray.data.from_items(items, override_num_blocks=blocks)
+    decode_in_actor = options.num_gpus == 0
+    if not decode_in_actor:
+        dataset = dataset.map_batches(
+            load_images, batch_size=options.batch_size, num_cpus=options.task_cpus,
+            compute=ray.data.TaskPoolStrategy(size=min(options.decode_tasks, blocks)),
+            fn_kwargs={"preprocessor": ImagePreprocessor.for_settings(settings.image_model)})
     return (
-        ray.data.from_items(items, override_num_blocks=blocks)
-        .map_batches(load_images, batch_size=options.batch_size, num_cpus=options.task_cpus,
-                     compute=ray.data.TaskPoolStrategy(size=min(options.decode_tasks, blocks)),
-                     fn_kwargs={"preprocessor": preprocessor})
+        dataset
         .map_batches(ImageEmbedder, batch_size=options.batch_size,
                      compute=ray.data.ActorPoolStrategy(size=options.image_actors),
                      fn_constructor_kwargs={"settings": settings,
-                                            "threads": options.image_threads},
+                                            "threads": options.image_threads,
+                                            "decode": decode_in_actor},
                      num_cpus=options.image_actor_cpus, num_gpus=options.num_gpus)
         .map_batches(TextEmbedder, batch_size=options.batch_size * 2,
                      compute=ray.data.ActorPoolStrategy(size=options.text_actors),
