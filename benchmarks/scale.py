@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -33,6 +34,7 @@ import psutil
 from benchmarks.common import DATASET, OUT, CatalogueEmbedder, read_catalogue
 from deployments.core.demo import generate_demo_catalog
 from deployments.core.errors import BackendUnavailable
+from deployments.core.memory import release_free_memory
 from deployments.core.products import Product
 from deployments.core.settings import load_settings
 from deployments.core.store import ProductStore
@@ -79,6 +81,12 @@ def engine_segments() -> tuple[int, int]:
                 segments += 1
                 waiting += any(f not in segment.indexes for f in fields)
     return segments, waiting
+
+
+def tree_rss_mb() -> float:
+    """RSS of this process and its children (Milvus Lite may run as a child process), MB."""
+    me = psutil.Process()
+    return sum(p.memory_info().rss for p in [me, *me.children(recursive=True)]) / 2**20
 
 
 def running_top(best: tuple[np.ndarray, np.ndarray], scores: np.ndarray, first: int,
@@ -134,10 +142,11 @@ def build(size: int, image_seeds: np.ndarray, text_seeds: np.ndarray, queries: i
         seen = state
         time.sleep(5)
     settle_s = time.perf_counter() - start
-    me = psutil.Process()  # Milvus Lite may run as a child process: count the whole tree
-    rss = sum(p.memory_info().rss for p in [me, *me.children(recursive=True)]) / 2**20
+    rss = tree_rss_mb()
+    release_ms = release_free_memory()  # what the search deployment does after writes
     figures = {"size": size, "insert_s": insert_s, "index_settle_s": settle_s,
-               "process_rss_mb": rss, "segments": engine_segments()[0], "work": work}
+               "process_rss_mb": rss, "segments": engine_segments()[0], "work": work,
+               "rss_after_release_mb": tree_rss_mb(), "release_ms": release_ms}
     return store, probe, exact[1], figures
 
 
@@ -191,14 +200,18 @@ def measure_side_by_side(sizes: list[int], args: argparse.Namespace) -> list[dic
         for size in sizes:
             command = [sys.executable, "-m", "benchmarks.scale", "--one", str(size),
                        "--seeds", str(args.seeds), "--queries", str(args.queries)]
+            # The environment the config gives the search replica, which runs the store.
+            env = {**os.environ, **load_settings().search.env_vars}
             child = subprocess.Popen(
                 command + (["--engine-search"] if args.engine_search else []),
-                stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
             children.append(child)
             figures = _reply(child, "BUILT")
             print(f"{size:>8} vectors built: insert {figures['insert_s']:.0f} s, index settle "
-                  f"{figures['index_settle_s']:.0f} s, RSS {figures['process_rss_mb']:.0f} MB, "
-                  f"{figures['segments']} segments", flush=True)
+                  f"{figures['index_settle_s']:.0f} s, RSS {figures['process_rss_mb']:.0f} MB "
+                  f"({figures['rss_after_release_mb']:.0f} MB once freed memory is given back, "
+                  f"{figures['release_ms']:.0f} ms), {figures['segments']} segments",
+                  flush=True)
             child.figures, child.latencies, child.recalls = figures, [], []
         for _ in range(args.rounds):
             for child in children:
@@ -252,11 +265,17 @@ def main() -> None:
         growth.append({"from": small["size"], "to": big["size"],
                        "p50_ratio": big["p50_ms"] / small["p50_ms"],
                        "rss_mb_per_100k": (big["process_rss_mb"] - small["process_rss_mb"])
+                       / added * 100_000,
+                       # what the search deployment holds once it has given freed memory back
+                       "released_rss_mb_per_100k": (big["rss_after_release_mb"]
+                                                    - small["rss_after_release_mb"])
                        / added * 100_000})
         g = growth[-1]
         print(f"x{big['size'] / small['size']:.0f} vectors: p50 x{g['p50_ratio']:.2f}, insert "
               f"x{big['insert_s'] / small['insert_s']:.1f}, memory "
-              f"{g['rss_mb_per_100k'] / 1024:.2f} GB per 100k added products")
+              f"{g['rss_mb_per_100k'] / 1024:.2f} GB per 100k added products as built, "
+              f"{g['released_rss_mb_per_100k'] / 1024:.2f} GB once freed memory is given back "
+              "(as the search deployment does, milvus.release_memory_s)")
     if len(results) > 2:
         first, last = results[0], results[-1]
         print(f"{first['size']} -> {last['size']}: p50 x{last['p50_ms'] / first['p50_ms']:.2f}")

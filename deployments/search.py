@@ -25,6 +25,7 @@ from deployments.core.filters import Filters
 from deployments.core.heads import current_version, heads_folder, load_heads, model_ids
 from deployments.core.learned import annotate_store
 from deployments.core.media import MediaStore
+from deployments.core.memory import release_free_memory
 from deployments.core.products import Product
 from deployments.core.searcher import Searcher
 from deployments.core.settings import HeadSettings, MilvusSettings, RankingSettings
@@ -35,6 +36,9 @@ log = logging.getLogger("ray.serve")
 T = TypeVar("T")
 VOCABULARY_REFRESH_S = 5.0  # how soon after writes /attributes counts are exact again
 ALIAS_REFRESH_S = 0.5  # how soon reads follow a moved alias (writes re-read it every time)
+# How long after a write the embedded store's freed memory is still given back: a bulk load's
+# index builds run for minutes after its last flush (benchmarks/RESULTS.md, scale: 485 s).
+RELEASE_WINDOW_S = 900.0
 
 
 @serve.deployment
@@ -80,6 +84,10 @@ class ProductSearch:
         with contextlib.suppress(Exception):  # a bad artifact: serve without it, say so
             await self.reload_heads()
         self._heads_poller = asyncio.get_running_loop().create_task(self._poll_heads())
+        self._written_at = time.monotonic()  # opening the store loaded it: count as a write
+        if milvus.is_lite and milvus.release_memory_s > 0:
+            self._releaser = asyncio.get_running_loop().create_task(
+                self._release_memory(milvus.release_memory_s))
 
     async def reconfigure(self, config: dict[str, Any]) -> None:
         """Serve `user_config`: `{"heads_version": "<version>"}` pins an artifact (null: the
@@ -127,6 +135,16 @@ class ProductSearch:
             await asyncio.sleep(ALIAS_REFRESH_S)
             with contextlib.suppress(Exception):  # Milvus down: try again next round
                 await asyncio.to_thread(self.router.refresh)
+
+    async def _release_memory(self, every_s: float) -> None:
+        """Embedded store: give the allocators' freed memory back to the OS every `every_s`
+        seconds while writes are recent (RELEASE_WINDOW_S: the index builds they start run
+        for minutes after a bulk load); a quiet store is left alone."""
+        while True:
+            await asyncio.sleep(every_s)
+            if time.monotonic() - self._written_at <= RELEASE_WINDOW_S:
+                ms = await asyncio.to_thread(release_free_memory)
+                log.info("embedded store: freed memory given back to the OS (%.0f ms)", ms)
 
     @property
     def searcher(self) -> Searcher:
@@ -221,11 +239,13 @@ class ProductSearch:
         the version the alias points at (`image_model`: what made the photo vectors; another
         model's are refused with BackendUnavailable, retry)."""
         searcher = await asyncio.to_thread(self.router.for_write, image_model)
+        self._written_at = time.monotonic()
         return await self._call("upsert", searcher.upsert, products, images,
                                 image_vectors, text_vectors, colour_vectors)
 
     async def flush(self) -> None:
         """Seal written rows into indexed segments (bulk writers call this when done)."""
+        self._written_at = time.monotonic()
         await self._call("flush", self.searcher.flush)
 
     async def fingerprints(self, ids: list[str] | None = None) -> dict[str, str]:
@@ -235,6 +255,7 @@ class ProductSearch:
     async def delete(self, product_id: str) -> None:
         """Delete one product; NotFound if absent."""
         searcher = await asyncio.to_thread(self.router.for_write)
+        self._written_at = time.monotonic()
         await self._call("delete", searcher.delete, product_id)
 
     async def image(self, product_id: str) -> tuple[bytes, str]:

@@ -30,6 +30,8 @@ def deployment_options(scaling: ScalingSettings) -> dict[str, Any]:
     }
     if scaling.resources:
         options["ray_actor_options"]["resources"] = scaling.resources
+    if scaling.env_vars:
+        options["ray_actor_options"]["runtime_env"] = {"env_vars": scaling.env_vars}
     if scaling.min_replicas == scaling.max_replicas:
         options["num_replicas"] = scaling.max_replicas
     else:

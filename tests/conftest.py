@@ -53,7 +53,8 @@ def make_settings(tmp_path: Path, model_cache: str, **overrides) -> AppSettings:
     """Settings for a small service whose state lives under tmp_path."""
     base = {
         "image_model": {"cache_dir": model_cache},
-        "milvus": {"uri": str(tmp_path / "milvus.db"), "collection": "products"},
+        "milvus": {"uri": str(tmp_path / "milvus.db"), "collection": "products",
+                   "release_memory_s": 2},
         "media_dir": str(tmp_path / "media"),
         "demo": {"enabled": True, "size": 48, "dir": str(tmp_path / "demo")},
         # No key configured: the ingress generates its admin key here (see `admin_key`).
@@ -61,7 +62,8 @@ def make_settings(tmp_path: Path, model_cache: str, **overrides) -> AppSettings:
         "heads": {"dir": str(tmp_path / "heads"), "poll_s": 0.5},
         "image_encoder": {"num_cpus": 0.25, "num_threads": 1, "max_replicas": 1},
         "text_encoder": {"num_cpus": 0.25, "num_threads": 1, "max_replicas": 1},
-        "search": {"num_cpus": 0.1, "max_ongoing_requests": 64},
+        "search": {"num_cpus": 0.1, "max_ongoing_requests": 64,
+                   "env_vars": {"MALLOC_ARENA_MAX": "2"}},  # as configs/config.yaml
         "ingress": {"num_cpus": 0.1, "max_ongoing_requests": 64},
     }
     base.update(overrides)

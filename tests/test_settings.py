@@ -65,6 +65,12 @@ def test_deployment_options_autoscale_only_when_a_range_is_given():
     assert fixed["num_replicas"] == 2 and "autoscaling_config" not in fixed
 
 
+def test_a_deployment_environment_reaches_its_replicas_runtime_env():
+    options = deployment_options(ScalingSettings(env_vars={"MALLOC_ARENA_MAX": "2"}))
+    assert options["ray_actor_options"]["runtime_env"] == {"env_vars": {"MALLOC_ARENA_MAX": "2"}}
+    assert "runtime_env" not in deployment_options(ScalingSettings())["ray_actor_options"]
+
+
 def test_threads_follow_reserved_cpus_unless_set():
     assert ScalingSettings(num_cpus=0.25).threads() == 1
     assert ScalingSettings(num_cpus=2).threads() == 2

@@ -84,6 +84,9 @@ class ScalingSettings(BaseModel):
     # 100 an old replica serves until its replacement is ready (a model change is not a gap).
     # A search replica on Milvus Lite never surges (one process per data dir).
     max_surge_percent: int = Field(100, ge=0, le=100)
+    # Environment of the replica's process (Ray runtime_env), e.g. allocator settings that must
+    # be set before the process starts.
+    env_vars: dict[str, str] = Field(default_factory=dict)
 
     @model_validator(mode="after")
     def _check(self) -> ScalingSettings:
@@ -118,6 +121,10 @@ class MilvusSettings(BaseModel):
     # Embedded Milvus Lite only: find the live rows of its immutable segments once per snapshot
     # instead of in Python per row on every search (deployments.core.lite_search).
     lite_search_cache: bool = True
+    # Embedded Milvus Lite only: after writes, every this many seconds (for 15 minutes, while
+    # its index builds run) give the allocators' freed memory back to the OS
+    # (deployments.core.memory); 0: never.
+    release_memory_s: float = Field(60.0, ge=0)
 
     @property
     def is_lite(self) -> bool:
