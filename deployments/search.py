@@ -142,8 +142,13 @@ class ProductSearch:
         for minutes after a bulk load); a quiet store is left alone."""
         while True:
             await asyncio.sleep(every_s)
-            if time.monotonic() - self._written_at <= RELEASE_WINDOW_S:
+            if time.monotonic() - self._written_at > RELEASE_WINDOW_S:
+                continue
+            try:
                 ms = await asyncio.to_thread(release_free_memory)
+            except Exception as exc:  # never end the loop: the next round tries again
+                log.warning("embedded store: giving freed memory back failed: %r", exc)
+            else:
                 log.info("embedded store: freed memory given back to the OS (%.0f ms)", ms)
 
     @property
