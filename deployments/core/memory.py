@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import time
 
 
@@ -30,7 +31,9 @@ def release_free_memory() -> float:
     return (time.perf_counter() - start) * 1000
 
 
+@functools.cache
 def _libc() -> ctypes.CDLL | None:
+    """The C library, once (`find_library` runs `ldconfig` in a subprocess)."""
     name = ctypes.util.find_library("c")
     try:
         libc = ctypes.CDLL(name) if name else None
