@@ -3,7 +3,8 @@
 Builds the demo catalogue (the one `serve_latency` serves) in a temporary Milvus Lite store with
 the real encoders, then times each stage of the service's photo and text query paths with the
 same core code the deployments run (median of `--repeats` queries), and the re-rank pool as it
-was fetched before (every field of every candidate) next to the lean pool, side by side.
+was fetched before (every field of every candidate) next to the lean pool, and reads through
+Milvus Lite's gRPC server (marked "(gRPC)") next to the direct engine reads, side by side.
 
     python -m benchmarks.request_breakdown [--size 240] [--repeats 50] [--json PATH]
 """
@@ -61,6 +62,8 @@ def main() -> None:
     searcher.flush()
     searcher.vocabulary.refresh()
     store, encoder = searcher.store, embedder.image_encoder
+    # The same engine read through its gRPC server, as before deployments.core.lite_reads.
+    grpc_store = ProductStore(settings.milvus.model_copy(update={"lite_direct_reads": False}))
     pool_k = max(10, settings.ranking.candidates)
 
     photo: dict[str, list[float]] = {}
@@ -75,10 +78,13 @@ def main() -> None:
         expr = searcher.expression(None)
         _timed(stages, "(before) pool, every field", store.search, vector, "image", pool_k,
                expr, (), True)
+        _timed(stages, "(gRPC) pool search, lean fields", grpc_store.search_pool, vector,
+               "image", pool_k, expr)
         pool = _timed(stages, "pool search, lean fields", store.search_pool, vector, "image",
                       pool_k, expr)
         ranked = _timed(stages, "re-rank", rerank_hits, pool, colour, 10, searcher.weights,
                         False)
+        _timed(stages, "(gRPC) full products of the 10", grpc_store.complete, ranked)
         hits = _timed(stages, "full products of the 10", store.complete, ranked)
         body = _timed(stages, "response (pydantic + JSON)",
                       lambda h: SearchResponse.of(h, 0.0).model_dump_json(), hits)
@@ -91,6 +97,8 @@ def main() -> None:
         stages = {} if i < 3 else text
         query = QUERIES[i % len(QUERIES)]
         vector = _timed(stages, "tokenise + model", embedder.text_encoder.embed, [query])[0]
+        _timed(stages, "(gRPC) text search k=10", grpc_store.search, vector, "text", 10)
+        _timed(stages, "text search k=10", store.search, vector, "text", 10)
         hits = _timed(stages, "Searcher.by_text (parse, search k=10)", searcher.by_text,
                       vector, query, 10)
         _timed(stages, "response (pydantic + JSON)",

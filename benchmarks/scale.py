@@ -9,9 +9,11 @@ kept as a running top 10 per query while the batches are written, so the benchma
 copy of the catalogue. Each size is built in its own process, one after the other; all stay up,
 and their latencies are then timed in alternating rounds, so every size is measured under the
 same load of this shared machine (a ratio of latencies measured minutes apart is not one).
-Memory is the RSS of each size's process once built, which runs the embedded store: Python,
-numpy, pymilvus, the Milvus Lite engine (segments' columns, vector indexes, memtable) and the
-7,036 seed vectors; no encoder models are loaded.
+Each round also times the same queries through Milvus Lite's gRPC server (the reads before
+deployments.core.lite_reads), on the same engine. Memory is the RSS of each size's process
+once built, which runs the embedded store: Python, numpy, pymilvus, the Milvus Lite engine
+(segments' columns, vector indexes, memtable) and the 7,036 seed vectors; no encoder models
+are loaded.
 
     .venv/bin/python -m benchmarks.scale --sizes 10000,100000[,300000] [--rounds 5]
 """
@@ -171,14 +173,20 @@ def serve_size(size: int, image_seeds: np.ndarray, text_seeds: np.ndarray, queri
     store, probe, truth, figures = build(size, image_seeds, text_seeds, queries,
                                          engine_search=engine_search)
     print("BUILT " + json.dumps(figures), flush=True)
+    # The same engine read through its gRPC server (as before deployments.core.lite_reads),
+    # timed in the same rounds.
+    grpc_store = ProductStore(store.settings.model_copy(update={"lite_direct_reads": False}))
     for line in sys.stdin:
         if line.strip() != "measure":
             break
         # Untimed: an idle gRPC channel to the embedded server may have been closed (its
         # keep-alive pings refused) and reconnects on the first call.
         store.search(probe[0], "image", 10)
+        grpc_store.search(probe[0], "image", 10)
         latencies, recall = timed_queries(store, probe, truth)
-        print("ROUND " + json.dumps({"latencies": latencies, "recall": recall}), flush=True)
+        grpc_latencies, _ = timed_queries(grpc_store, probe, truth)
+        print("ROUND " + json.dumps({"latencies": latencies, "recall": recall,
+                                     "grpc_latencies": grpc_latencies}), flush=True)
     store.close()
     shutil.rmtree(figures["work"], ignore_errors=True)
 
@@ -213,12 +221,14 @@ def measure_side_by_side(sizes: list[int], args: argparse.Namespace) -> list[dic
                   f"{figures['release_ms']:.0f} ms), {figures['segments']} segments",
                   flush=True)
             child.figures, child.latencies, child.recalls = figures, [], []
+            child.grpc_latencies = []
         for _ in range(args.rounds):
             for child in children:
                 child.stdin.write("measure\n")
                 child.stdin.flush()
                 round_ = _reply(child, "ROUND")
                 child.latencies += round_["latencies"]
+                child.grpc_latencies += round_["grpc_latencies"]
                 child.recalls.append(round_["recall"])
     finally:
         for child in children:
@@ -229,6 +239,7 @@ def measure_side_by_side(sizes: list[int], args: argparse.Namespace) -> list[dic
     return [{**{k: v for k, v in c.figures.items() if k != "work"},
              "p50_ms": float(np.percentile(c.latencies, 50)),
              "p99_ms": float(np.percentile(c.latencies, 99)),
+             "grpc_p50_ms": float(np.percentile(c.grpc_latencies, 50)),
              "recall_at_10": float(np.mean(c.recalls))} for c in children]
 
 
@@ -258,12 +269,14 @@ def main() -> None:
     for r in results:
         print(f"{r['size']:>8} vectors: search p50 {r['p50_ms']:.1f} ms p99 {r['p99_ms']:.1f} "
               f"ms, recall@10 {r['recall_at_10']:.3f} ({args.rounds} rounds of "
-              f"{args.queries} queries, alternating with the other sizes)", flush=True)
+              f"{args.queries} queries, alternating with the other sizes); through Milvus "
+              f"Lite's gRPC server: p50 {r['grpc_p50_ms']:.1f} ms", flush=True)
     growth = []
     for small, big in zip(results, results[1:], strict=False):
         added = big["size"] - small["size"]
         growth.append({"from": small["size"], "to": big["size"],
                        "p50_ratio": big["p50_ms"] / small["p50_ms"],
+                       "grpc_p50_ratio": big["grpc_p50_ms"] / small["grpc_p50_ms"],
                        "rss_mb_per_100k": (big["process_rss_mb"] - small["process_rss_mb"])
                        / added * 100_000,
                        # what the search deployment holds once it has given freed memory back
@@ -271,7 +284,8 @@ def main() -> None:
                                                     - small["rss_after_release_mb"])
                        / added * 100_000})
         g = growth[-1]
-        print(f"x{big['size'] / small['size']:.0f} vectors: p50 x{g['p50_ratio']:.2f}, insert "
+        print(f"x{big['size'] / small['size']:.0f} vectors: p50 x{g['p50_ratio']:.2f} (through "
+              f"gRPC x{g['grpc_p50_ratio']:.2f}), insert "
               f"x{big['insert_s'] / small['insert_s']:.1f}, memory "
               f"{g['rss_mb_per_100k'] / 1024:.2f} GB per 100k added products as built, "
               f"{g['released_rss_mb_per_100k'] / 1024:.2f} GB once freed memory is given back "

@@ -10,6 +10,10 @@ computes that once per snapshot with numpy and reuses it, and per search only lo
 still in memory (the memtable, at most one flush's worth). Results are the engine's own: the
 same indexes, masks, merge and projection (tests/test_lite_search.py compares them).
 
+The segments (at most 100k rows each in Lite) are searched side by side on a thread per CPU, as
+Milvus's query nodes do, rather than one after another: their faiss indexes release the GIL, so
+a 300k-product catalogue (3 segments) does not cost three segments' time per search.
+
 Two smaller per-row costs of the engine are cut the same way: its row-wise filter evaluator (JSON
 paths) gets only the columns an expression reads (`evaluate_python`), and whether a returned
 field is the primary key is answered once per schema, not per field per hit (`is_primary`).
@@ -22,9 +26,11 @@ process is affected; a Milvus server searches its own way.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import weakref
 from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -176,22 +182,19 @@ def execute_search(
     snap = _snapshot(memtable, partition_names, scope, tombstones) if scope else None
     masks = _segment_masks(snap, newer) if snap is not None else []
 
-    candidates: list[list[tuple[float, int, int]]] = [[] for _ in range(nq)]
-
-    def recall(source: int, vectors: np.ndarray, mask: np.ndarray, index: Any) -> None:
+    def recall(job: tuple[int, np.ndarray, np.ndarray, Any]) -> list[list[tuple]]:
+        """One source's top_k per query: [(distance, source, row)], nq lists."""
+        source, vectors, mask, index = job
         if not mask.any():
-            return
+            return [[] for _ in range(nq)]
         if index is None:
             index = BruteForceIndex.build(vectors, metric_type)
         ids, dists = index.search(query_vectors, top_k, valid_mask=None if mask.all() else mask,
                                   params=search_params)
-        for q in range(nq):
-            for j in range(top_k):
-                local = int(ids[q, j])
-                if local < 0:
-                    break
-                candidates[q].append((float(dists[q, j]), source, local))
+        return [[(float(d), source, int(i)) for i, d in zip(ids[q], dists[q], strict=True)
+                 if i >= 0] for q in range(nq)]
 
+    jobs = []
     if compiled_filter is not None:
         from milvus_lite.search.filter import evaluate_mask
         from milvus_lite.search.indexed_filter import evaluate_segment_filter
@@ -203,12 +206,16 @@ def execute_search(
                                                   indexed_filter_plan).astype(bool)
         if valid_vectors is not None:
             mask = mask & valid_vectors
-        recall(i, vectors, mask, seg.indexes.get(vector_field))
+        jobs.append((i, vectors, mask, seg.indexes.get(vector_field)))
     if mt_pks:
         mt_mask = _memtable_mask(mt_pks, mt_seqs, snap, tombstones, mt_deletes)
         if compiled_filter is not None and mt_table is not None:
             mt_mask &= evaluate_mask(compiled_filter, mt_table).astype(bool)
-        recall(len(scope), mt_vecs, mt_mask, None)
+        jobs.append((len(scope), mt_vecs, mt_mask, None))
+    # Segments are searched side by side, as Milvus's query nodes do (Lite: one after another):
+    # the vector indexes (faiss) release the GIL while they search.
+    found = list(_pool().map(recall, jobs)) if len(jobs) > 1 else [recall(j) for j in jobs]
+    candidates = [[c for source in found for c in source[q]] for q in range(nq)]
 
     project = project_record_fn or _projection(output_fields, pk_field, vector_field)
     columns = _columns(scope, output_fields, pk_field)
@@ -228,6 +235,19 @@ def execute_search(
                         "entity": project(record)})
         results.append(row)
     return results
+
+
+_searchers: ThreadPoolExecutor | None = None
+
+
+def _pool() -> ThreadPoolExecutor:
+    """Threads that search segments side by side, one per CPU (made on first use)."""
+    global _searchers
+    with _lock:
+        if _searchers is None:
+            _searchers = ThreadPoolExecutor(max_workers=os.cpu_count() or 2,
+                                            thread_name_prefix="lite-segment-search")
+        return _searchers
 
 
 def _memtable_mask(pks: list[Any], seqs: np.ndarray, snap: _Snapshot | None,

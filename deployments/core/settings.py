@@ -121,6 +121,9 @@ class MilvusSettings(BaseModel):
     # Embedded Milvus Lite only: find the live rows of its immutable segments once per snapshot
     # instead of in Python per row on every search (deployments.core.lite_search).
     lite_search_cache: bool = True
+    # Embedded Milvus Lite only: searches and reads by id call the engine in this process
+    # instead of its gRPC server (deployments.core.lite_reads; writes keep the client).
+    lite_direct_reads: bool = True
     # Embedded Milvus Lite only: after writes, every this many seconds (for 15 minutes, while
     # its index builds run) give the allocators' freed memory back to the OS
     # (deployments.core.memory); 0: never.

@@ -3,6 +3,8 @@
 One collection per catalogue holds an image vector, a text vector and typed scalar attributes
 (extra attributes in a JSON field). The URI is a local path (embedded Milvus Lite, one process per
 data dir, writes serialised) or a server URL. Callers see products and scores, never the client.
+On embedded Milvus Lite, searches and reads by id call the engine in this process
+(deployments.core.lite_reads) instead of its gRPC server.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from pymilvus import (
     WeightedRanker,
 )
 
-from deployments.core import lite_search
+from deployments.core import lite_reads, lite_search
 from deployments.core.colour import COLOUR_DIMS
 from deployments.core.errors import BackendUnavailable, IncompatibleStore, InvalidInput
 from deployments.core.filters import Filters
@@ -260,6 +262,9 @@ class ProductStore:
         self._read = {"timeout": settings.read_timeout_s}
         self._write = {"timeout": settings.timeout_s}
         self._client = self._connect()
+        # Embedded Milvus Lite: hot reads go straight to the engine in this process.
+        self._direct = (lite_reads.reader(settings.uri)
+                        if settings.is_lite and settings.lite_direct_reads else None)
 
     @_backend_errors
     def _connect(self) -> MilvusClient:
@@ -357,6 +362,50 @@ class ProductStore:
                     f"configured model gives {dim}; drop it or use another collection",
                     code="dimension_mismatch",
                 )
+
+    def _search_rows(self, vectors: np.ndarray, field: str, k: int, expr: str,
+                     output_fields: Sequence[str]) -> list[list[dict[str, Any]]]:
+        """pymilvus-shaped hits of a dense search of `field` for each row of `vectors` ((n, dim)
+        float32): from the embedded engine in this process when there is one
+        (deployments.core.lite_reads: no gRPC round trip), else through the client."""
+        vectors = np.asarray(vectors, dtype=np.float32)
+        if self._direct is not None and self._direct.available():
+            return self._direct.search(self.collection, vectors, field, k, expr, output_fields,
+                                       self.settings.metric, self.settings.search_params)
+        return self._client.search(
+            self.collection, data=vectors.tolist(), anns_field=field, limit=k, filter=expr,
+            output_fields=list(output_fields),
+            search_params={"metric_type": self.settings.metric,
+                           "params": self.settings.search_params}, **self._read,
+        )
+
+    def _hybrid_rows(self, routes: Sequence[tuple[np.ndarray, str, int, str]],
+                     ranker: RRFRanker | WeightedRanker, k: int,
+                     output_fields: Sequence[str]) -> list[dict[str, Any]]:
+        """pymilvus-shaped fused hits of one hybrid search: each route (vector (dim,) float32,
+        field, depth, filter) searched and fused by `ranker`, from the embedded engine when
+        there is one, else through the client."""
+        params = self.settings.search_params
+        if self._direct is not None and self._direct.available():
+            return self._direct.hybrid_search(self.collection, routes, ranker.dict(), k,
+                                              output_fields, self.settings.metric, params)
+        requests = [AnnSearchRequest([np.asarray(v, np.float32).tolist()], field,
+                                     {"metric_type": self.settings.metric, "params": params},
+                                     depth, filter=expr or None)
+                    for v, field, depth, expr in routes]
+        return self._client.hybrid_search(self.collection, requests, ranker, limit=k,
+                                          output_fields=list(output_fields), **self._read)[0]
+
+    def _rows_by_id(self, ids: Sequence[str], output_fields: Sequence[str],
+                    strong: bool = False) -> list[dict[str, Any]]:
+        """The rows with these ids (missing ones left out, any order): from the embedded engine
+        when there is one (which reads every acknowledged write), else a query by id through the
+        client (`strong`: with Strong consistency, else the searches')."""
+        if self._direct is not None and self._direct.available():
+            return self._direct.get(self.collection, ids, output_fields)
+        consistency = {"consistency_level": "Strong"} if strong else {}
+        return self._client.query(self.collection, filter=expr_in("id", ids),
+                                  output_fields=list(output_fields), **consistency, **self._read)
 
     @_backend_errors
     def exists(self) -> bool:
@@ -557,10 +606,7 @@ class ProductStore:
         """Products with these ids (missing ids are left out), in the order asked."""
         if not ids:
             return []
-        rows = self._client.query(
-            self.collection, filter=expr_in("id", ids), output_fields=list(SCALAR_FIELDS),
-            consistency_level="Strong", **self._read,
-        )
+        rows = self._rows_by_id(ids, SCALAR_FIELDS, strong=True)
         by_id = {r["id"]: self._product(r) for r in rows}
         return [by_id[i] for i in ids if i in by_id]
 
@@ -568,11 +614,8 @@ class ProductStore:
     def get_vectors(self, product_id: str) -> dict[str, np.ndarray] | None:
         """The stored vectors of one product, or None: `image` (image_dim,), `text`
         (text_dim,) and `colour` (COLOUR_DIMS,), float32 (colour all zero when none)."""
-        rows = self._client.query(
-            self.collection, filter=expr_in("id", [product_id]),
-            output_fields=[*VECTOR_FIELDS.values(), COLOUR_FIELD], consistency_level="Strong",
-            **self._read,
-        )
+        rows = self._rows_by_id([product_id], [*VECTOR_FIELDS.values(), COLOUR_FIELD],
+                                strong=True)
         if not rows:
             return None
         fields = {**VECTOR_FIELDS, "colour": COLOUR_FIELD}
@@ -677,12 +720,7 @@ class ProductStore:
                    if exclude_ids else ""]
         expr = " and ".join(c for c in clauses if c)
         fields = [*SCALAR_FIELDS, COLOUR_FIELD] if with_colour else list(SCALAR_FIELDS)
-        result = self._client.search(
-            self.collection, data=np.asarray(vectors, dtype=np.float32).tolist(),
-            anns_field=VECTOR_FIELDS[field], limit=k, filter=expr, output_fields=fields,
-            search_params={"metric_type": self.settings.metric,
-                           "params": self.settings.search_params}, **self._read,
-        )
+        result = self._search_rows(vectors, VECTOR_FIELDS[field], k, expr, fields)
         return [[Hit(self._product(h["entity"]), float(h["distance"]),
                      _colour(h["entity"]) if with_colour else None) for h in row]
                 for row in result]
@@ -697,13 +735,9 @@ class ProductStore:
         little to fetch and decode; `complete` then reads the full products of the few kept."""
         clauses = [f"({filter})" if filter else "", f"not ({expr_in('id', exclude_ids)})"
                    if exclude_ids else ""]
-        result = self._client.search(
-            self.collection, data=[np.asarray(vector, dtype=np.float32).tolist()],
-            anns_field=VECTOR_FIELDS[field], limit=k, filter=" and ".join(c for c in clauses if c),
-            output_fields=[*POOL_FIELDS, COLOUR_FIELD],
-            search_params={"metric_type": self.settings.metric,
-                           "params": self.settings.search_params}, **self._read,
-        )
+        result = self._search_rows(np.asarray(vector, dtype=np.float32)[None],
+                                   VECTOR_FIELDS[field], k, " and ".join(c for c in clauses if c),
+                                   [*POOL_FIELDS, COLOUR_FIELD])
         return [Hit(_pool_product({f: h["entity"][f] for f in POOL_FIELDS
                                    if h["entity"].get(f) is not None}),
                     float(h["distance"]), _colour(h["entity"])) for h in result[0]]
@@ -714,10 +748,7 @@ class ProductStore:
         consistency, not Strong); a product deleted since the search is left out."""
         if not hits:
             return []
-        rows = self._client.query(
-            self.collection, filter=expr_in("id", [h.product.id for h in hits]),
-            output_fields=list(SCALAR_FIELDS), **self._read,
-        )
+        rows = self._rows_by_id([h.product.id for h in hits], SCALAR_FIELDS)
         by_id = {r["id"]: self._product(r) for r in rows}
         return [dataclasses.replace(h, product=by_id[h.product.id]) for h in hits
                 if h.product.id in by_id]
@@ -731,20 +762,17 @@ class ProductStore:
         """Fuse an image-vector and a text-vector search ((image_dim,) and (text_dim,) float32,
         L2-normalised) by RRF or weighted scores, best first; `score` is the fused score.
         `similarities`: each hit's `signals` also hold its `visual` and `text` cosines."""
-        params = {"metric_type": self.settings.metric, "params": self.settings.search_params}
         queries = {"image": np.asarray(image_vector, np.float32),
                    "text": np.asarray(text_vector, np.float32)}
-        requests = [AnnSearchRequest([v.tolist()], VECTOR_FIELDS[field], params,
-                                     max(k, candidates), filter=filter or None)
-                    for field, v in queries.items()]
+        routes = [(v, VECTOR_FIELDS[field], max(k, candidates), filter)
+                  for field, v in queries.items()]
         fuse = RRFRanker() if ranker == "rrf" else WeightedRanker(image_weight, 1 - image_weight)
         fields = list(SCALAR_FIELDS) + (list(VECTOR_FIELDS.values()) if similarities else [])
-        result = self._client.hybrid_search(self.collection, requests, fuse, limit=k,
-                                            output_fields=fields, **self._read)
-        hits = [Hit(self._product(h["entity"]), float(h["distance"])) for h in result[0]]
+        result = self._hybrid_rows(routes, fuse, k, fields)
+        hits = [Hit(self._product(h["entity"]), float(h["distance"])) for h in result]
         if similarities:
             cosines = {"visual" if f == "image" else f: _cosines(
-                q, [h["entity"][VECTOR_FIELDS[f]] for h in result[0]])
+                q, [h["entity"][VECTOR_FIELDS[f]] for h in result])
                 for f, q in queries.items()}
             for i, hit in enumerate(hits):
                 hit.signals = {name: float(c[i]) for name, c in cosines.items()}
@@ -770,20 +798,17 @@ class ProductStore:
         text_filter = " and ".join(c for c in clauses if c)
         photo_filter = " and ".join(c for c in [*clauses, f'{PREDICTED_BY} != ""'] if c)
         query = np.asarray(text_vector, np.float32)
-        params = {"metric_type": self.settings.metric, "params": self.settings.search_params}
-        requests = [AnnSearchRequest([query.tolist()], field, params, depth, filter=expr or None)
-                    for field, expr in ((VECTOR_FIELDS["text"], text_filter),
-                                        (PHOTO_TEXT_FIELD, photo_filter))]
+        routes = [(query, field, depth, expr) for field, expr in
+                  ((VECTOR_FIELDS["text"], text_filter), (PHOTO_TEXT_FIELD, photo_filter))]
         scalars = list(SCALAR_FIELDS) if fields is None else _lean_columns(fields)
-        result = self._client.hybrid_search(
-            self.collection, requests, RRFRanker(), limit=2 * depth,
-            output_fields=[*scalars, VECTOR_FIELDS["text"], PHOTO_TEXT_FIELD], **self._read)
-        rows = [h["entity"] for h in result[0]]
+        result = self._hybrid_rows(routes, RRFRanker(), 2 * depth,
+                                   [*scalars, VECTOR_FIELDS["text"], PHOTO_TEXT_FIELD])
+        rows = [h["entity"] for h in result]
         text = _cosines(query, [r[VECTOR_FIELDS["text"]] for r in rows])
         photo = _cosines(query, [r[PHOTO_TEXT_FIELD] for r in rows])
         return [Hit(self._product(r) if fields is None else _lean_product(r),
                     float(h["distance"]), signals={"text": float(t), "photo": float(p)})
-                for h, r, t, p in zip(result[0], rows, text, photo, strict=True)]
+                for h, r, t, p in zip(result, rows, text, photo, strict=True)]
 
     @_backend_errors
     def image_features(self, ids: Sequence[str]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
@@ -791,9 +816,7 @@ class ProductStore:
         float32, all zero when none) per id found (the searches' consistency)."""
         if not ids:
             return {}
-        rows = self._client.query(
-            self.collection, filter=expr_in("id", ids),
-            output_fields=["id", VECTOR_FIELDS["image"], COLOUR_FIELD], **self._read)
+        rows = self._rows_by_id(ids, ["id", VECTOR_FIELDS["image"], COLOUR_FIELD])
         return {r["id"]: (np.asarray(r[VECTOR_FIELDS["image"]], np.float32),
                           np.asarray(r[COLOUR_FIELD] or np.zeros(COLOUR_DIMS), np.float32))
                 for r in rows}
