@@ -8,15 +8,16 @@ the search replica's re-ranking pool (200 hits) that round trip cost 10.5 ms of 
 1.6 ms for the engine's own search, and reading the 10 kept products 3.6 ms against 1.1 ms
 (benchmarks/RESULTS.md, "Embedded reads without the gRPC round trip").
 
-`LiteReader` calls the engine's `Collection.search` / `get` directly and returns what pymilvus
-would (`{"id", "distance", "entity"}` hits with the primary key in `entity`, JSON fields parsed),
-so the store's callers cannot tell the paths apart (tests/test_lite_reads.py compares them on one
+`LiteReader` calls the engine's `Collection.search` / `get` (and, for a hybrid search, its
+rerank chain, as Lite's servicer does) directly and returns what pymilvus would (`{"id",
+"distance", "entity"}` hits with the primary key in `entity`, JSON fields parsed), so the
+store's callers cannot tell the paths apart (tests/test_lite_reads.py compares them on one
 store). Reads see every acknowledged write (what Strong consistency gives). They have no
 deadline of their own (there is no channel to time out): a slow search, e.g. while Lite builds
 an index, answers late instead of failing after `milvus.read_timeout_s`, and the ingress's
-per-attempt timeout still bounds the request. Writes, collection
-management and hybrid searches keep going through pymilvus. An engine error is raised as a
-`MilvusException` with the engine's message, so the store treats it as it treats the client's.
+per-attempt timeout still bounds the request. Writes, collection management and scans keep
+going through pymilvus. An engine error is raised as a `MilvusException` with the engine's
+message, so the store treats it as it treats the client's.
 
 Only the engine this process opened is read; a Milvus server (or another process's data dir) is
 always reached through pymilvus. `reader()` returns None where this does not apply (a server
@@ -100,8 +101,9 @@ class LiteReader:
                                        SCORE_FIELD: hit_score_for_chain(h, route_metric),
                                        **h.get("entity", {})} for h in hits]]))
             metrics.append(route_metric)
-        chain = build_hybrid_rerank_chain(
-            strategy=ranker.get("strategy", "rrf"), params=ranker.get("params", {}),
+        chain = _engine_call(
+            build_hybrid_rerank_chain, strategy=ranker.get("strategy", "rrf"),
+            params=ranker.get("params", {}),
             search_params={"limit": limit, "offset": 0, "group_by_field": None,
                            "group_size": 1, "metric_types": metrics})
         fused = _engine_call(chain.execute, *frames)
