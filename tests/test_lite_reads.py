@@ -130,13 +130,14 @@ def test_engine_errors_are_backend_unavailable(stores):
         direct.search(_vectors(1, IMAGE_DIM, 4)[0], "image", 3, "no_such_field == 1")
 
 
-def test_switched_off_or_a_server_uri_reads_through_the_client(tmp_path):
+def test_switched_off_or_a_server_uri_reads_through_the_client(tmp_path, monkeypatch):
     settings = MilvusSettings(uri=str(tmp_path / "m.db"), collection="t", index_type="FLAT",
                               index_params={}, lite_direct_reads=False)
     store = ProductStore(settings)
     assert store._direct is None
     store.close()
-    assert MilvusSettings(uri="http://127.0.0.1:1").is_lite is False
+    monkeypatch.setattr(ProductStore, "_connect", lambda self: object())  # no server here
+    assert ProductStore(MilvusSettings(uri="http://127.0.0.1:1"))._direct is None
 
 
 def _fused(hits: list[Hit]) -> list:

@@ -363,15 +363,20 @@ class ProductStore:
                     code="dimension_mismatch",
                 )
 
+    def _engine(self) -> lite_reads.LiteReader | None:
+        """The embedded engine's reader when this process has it open, else None (reads go
+        through the client)."""
+        return self._direct if self._direct is not None and self._direct.available() else None
+
     def _search_rows(self, vectors: np.ndarray, field: str, k: int, expr: str,
                      output_fields: Sequence[str]) -> list[list[dict[str, Any]]]:
         """pymilvus-shaped hits of a dense search of `field` for each row of `vectors` ((n, dim)
         float32): from the embedded engine in this process when there is one
         (deployments.core.lite_reads: no gRPC round trip), else through the client."""
         vectors = np.asarray(vectors, dtype=np.float32)
-        if self._direct is not None and self._direct.available():
-            return self._direct.search(self.collection, vectors, field, k, expr, output_fields,
-                                       self.settings.metric, self.settings.search_params)
+        if engine := self._engine():
+            return engine.search(self.collection, vectors, field, k, expr, output_fields,
+                                 self.settings.metric, self.settings.search_params)
         return self._client.search(
             self.collection, data=vectors.tolist(), anns_field=field, limit=k, filter=expr,
             output_fields=list(output_fields),
@@ -386,9 +391,9 @@ class ProductStore:
         field, depth, filter) searched and fused by `ranker`, from the embedded engine when
         there is one, else through the client."""
         params = self.settings.search_params
-        if self._direct is not None and self._direct.available():
-            return self._direct.hybrid_search(self.collection, routes, ranker.dict(), k,
-                                              output_fields, self.settings.metric, params)
+        if engine := self._engine():
+            return engine.hybrid_search(self.collection, routes, ranker.dict(), k,
+                                        output_fields, self.settings.metric, params)
         requests = [AnnSearchRequest([np.asarray(v, np.float32).tolist()], field,
                                      {"metric_type": self.settings.metric, "params": params},
                                      depth, filter=expr or None)
@@ -401,8 +406,8 @@ class ProductStore:
         """The rows with these ids (missing ones left out, any order): from the embedded engine
         when there is one (which reads every acknowledged write), else a query by id through the
         client (`strong`: with Strong consistency, else the searches')."""
-        if self._direct is not None and self._direct.available():
-            return self._direct.get(self.collection, ids, output_fields)
+        if engine := self._engine():
+            return engine.get(self.collection, ids, output_fields)
         consistency = {"consistency_level": "Strong"} if strong else {}
         return self._client.query(self.collection, filter=expr_in("id", ids),
                                   output_fields=list(output_fields), **consistency, **self._read)
