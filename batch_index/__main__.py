@@ -64,11 +64,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     index.add_argument("--app-name", default="shopsearch", help="Serve application to use")
     index.add_argument("--address", help="Ray address (default: RAY_ADDRESS or a local Ray)")
     index.add_argument("--no-fit", action="store_true", help="skip fitting heads after indexing")
+    index.add_argument("--dashboard", action="store_true",
+                       help="when this command starts its own Ray, start its dashboard too "
+                            "(off: it costs CPU for the whole run and ends with the command)")
     fit = sub.add_parser("fit", parents=[common], help="fit heads on the stored catalogue")
     fit.add_argument("--via-service", choices=["auto", "yes", "no"], default="auto",
                      help="read through the running service (auto: when it owns Lite)")
     fit.add_argument("--app-name", default="shopsearch", help="Serve application to use")
     fit.add_argument("--address", help="Ray address (default: RAY_ADDRESS or a local Ray)")
+    fit.add_argument("--dashboard", action="store_true",
+                     help="when this command starts its own Ray, start its dashboard too")
     index.add_argument("--write-timeout", type=float, default=300,
                        help="seconds a batch write may take (Milvus Lite stalls writes while "
                        "it builds an index after each 128 MB)")
@@ -195,7 +200,7 @@ def cmd_index(args: argparse.Namespace, settings: AppSettings) -> int:
         image_actor_cpus=args.image_actor_cpus, text_actor_cpus=args.text_actor_cpus,
         task_cpus=args.task_cpus, decode_tasks=args.decode_tasks,
         writers=args.writers or (1 if settings.milvus.is_lite else 4),
-        ray_address=service.ray_address(args),
+        ray_address=service.ray_address(args), dashboard=args.dashboard,
     )
     search = service.running_search(args, settings)
     if search is not None:

@@ -30,6 +30,7 @@ import ray
 from tqdm import tqdm
 
 from batch_index.decode import OK, REJECTED, load_images
+from batch_index.service import init_ray
 from deployments.core.catalog import CatalogRow, Reject
 from deployments.core.colour import COLOUR_DIMS
 from deployments.core.images import ImagePreprocessor
@@ -63,6 +64,8 @@ class IndexOptions:
     writers: int = 1
     # Ray to start or join when rows need embedding (None: RAY_ADDRESS, the job's, or local).
     ray_address: str | None = None
+    # Whether a Ray this job starts itself runs its dashboard (service.init_ray).
+    dashboard: bool = False
 
 
 @dataclass
@@ -263,8 +266,7 @@ def run_index(rows: list[CatalogRow], rejects: list[Reject], settings: AppSettin
     log.info("plan: %d rows to embed, %d unchanged, %d unreadable (%.1f s)", len(plan.todo),
              plan.unchanged, len(plan.rejects), time.perf_counter() - start)
     if plan.todo:
-        if not ray.is_initialized():
-            ray.init(address=options.ray_address)
+        init_ray(options.ray_address, options.dashboard)
         _embed_and_write(plan.todo, settings, writer, options, summary)
         if summary.indexed:
             writer.finish()
@@ -319,7 +321,7 @@ def _record_metrics(summary: Summary, address: str | None) -> None:
     if not ray.is_initialized():
         if address in (None, "local"):
             return
-        ray.init(address=address)
+        init_ray(address)
 
     counter = Counter("shopsearch_index_rows", description="Catalogue rows by index outcome.",
                       tag_keys=("outcome",))

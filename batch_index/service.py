@@ -24,10 +24,21 @@ def ray_address(args: argparse.Namespace) -> str | None:
 def ensure_ray(args: argparse.Namespace) -> None:
     """Connect to (or start) Ray, once; only steps that use it call this, so a rerun that
     finds nothing changed, direct to Milvus, needs no Ray at all."""
+    init_ray(ray_address(args), dashboard=getattr(args, "dashboard", False))
+
+
+def init_ray(address: str | None, dashboard: bool = False) -> None:
+    """Connect to the Ray at `address` (None: RAY_ADDRESS, the job's, or one already running on
+    this machine), or start one for this process, once. A Ray started here runs without its
+    dashboard unless `dashboard`: the dashboard's head processes took ~8% of this 2-core
+    machine for the whole bulk index (fashion-dev: 125 -> 114 s without them,
+    benchmarks/RESULTS.md), and they would stop with this process anyway. A cluster's own
+    dashboard (`ray job submit`, `serve run`) is not affected: Ray ignores the flag when it
+    connects to a running instance."""
     import ray
 
     if not ray.is_initialized():
-        ray.init(address=ray_address(args))
+        ray.init(address=address, include_dashboard=dashboard)
 
 
 def search_handle(app_name: str = "shopsearch") -> DeploymentHandle:

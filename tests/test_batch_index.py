@@ -141,6 +141,27 @@ def test_plan_stamps_rows_as_the_writer_does_and_skips_unchanged(tmp_path):
     assert len(plan_rows(rows, stored, force=True).todo) == len(plan.todo)
 
 
+def test_a_ray_the_job_starts_itself_runs_without_its_dashboard(monkeypatch):
+    """The dashboard's head processes cost ~8% of 2 cores for the whole bulk index and end
+    with the command; `--dashboard` brings them back. (Against a running Ray, e.g. `ray job
+    submit`, Ray ignores the flag: tests/test_job_submit.py runs the job that way.)"""
+    import ray
+
+    from batch_index import service
+    from batch_index.__main__ import parse_args
+
+    calls = []
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", lambda **kwargs: calls.append(kwargs))
+    for argv in (["index", "--catalog", "c.csv"], ["index", "--catalog", "c.csv", "--dashboard"],
+                 ["fit", "--address", "ray://head:10001"]):
+        service.ensure_ray(parse_args(argv))
+    assert calls == [{"address": None, "include_dashboard": False},
+                     {"address": None, "include_dashboard": True},
+                     {"address": "ray://head:10001", "include_dashboard": False}]
+
+
 def test_model_dims_are_remembered_beside_the_model_cache(tmp_path, settings_factory):
     from batch_index.__main__ import remembered_dims
     from deployments.core.encoders import model_dims

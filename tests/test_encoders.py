@@ -122,11 +122,15 @@ def test_text_vectors_do_not_depend_on_batch_company(text_encoder):
 
 
 def test_text_model_from_a_local_folder(tmp_path):
+    """A model folder of one's own, exported into a cache folder that does not exist yet (a
+    job's fresh working dir) and opened from it again."""
     from deployments.core.encoders import default_text_model_path
 
-    encoder = TextEncoder(TextModelSettings(model_path=default_text_model_path(), device="cpu",
-                                            cache_dir=str(tmp_path)))
-    assert encoder.embed(["hello"]).shape == (1, 384)
+    settings = TextModelSettings(model_path=default_text_model_path(), device="cpu",
+                                 cache_dir=str(tmp_path / "new" / "model-cache"))
+    first = TextEncoder(settings).embed(["hello"])
+    assert first.shape == (1, 384)
+    assert np.allclose(TextEncoder(settings).embed(["hello"]), first, atol=1e-6)
 
 
 def test_text_onnx_and_torch_paths_give_the_same_vectors(text_encoder, model_cache):
@@ -139,3 +143,78 @@ def test_text_onnx_and_torch_paths_give_the_same_vectors(text_encoder, model_cac
     a, b = text_encoder.embed(texts), torch_encoder.embed(texts)
     assert a.shape == b.shape == (4, 384)
     assert np.abs(a - b).max() < 1e-4
+
+
+def test_text_vectors_match_the_model_run_by_transformers(text_encoder):
+    """The encoder's own tokenizer (the `tokenizers` library) and ONNX graph give what
+    transformers' AutoTokenizer + AutoModel + mean pooling give: accents, other scripts, an
+    empty text and one longer than max_length (truncated) included."""
+    from transformers import AutoModel, AutoTokenizer
+
+    from deployments.core.encoders import default_text_model_path
+
+    texts = ["Café crème · ÉLÉGANT robe", "红色连衣裙 for women", "", "mug",
+             "a very long description of a navy wool coat with horn buttons " * 20]
+    path = default_text_model_path()
+    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    model = AutoModel.from_pretrained(path, local_files_only=True).eval()
+    max_length = text_encoder.settings.max_length
+    tokens = tokenizer(texts, padding=True, truncation=True, max_length=max_length,
+                       return_tensors="pt")
+    ours = text_encoder.tokenizer.pad(text_encoder.tokenizer.encode(texts))
+    for name in tokenizer.model_input_names:
+        assert np.array_equal(ours[name], tokens[name].numpy()), name
+    assert tokens["input_ids"].shape[1] == max_length  # the long text was cut
+    with torch.inference_mode():
+        hidden = model(**tokens).last_hidden_state
+    mask = tokens["attention_mask"][..., None].float()
+    expected = torch.nn.functional.normalize((hidden * mask).sum(1) / mask.sum(1), dim=1)
+    assert np.abs(text_encoder.embed(texts) - expected.numpy()).max() < 1e-4
+
+
+def test_cached_exports_open_without_torch(image_encoder, text_encoder, model_cache,
+                                           demo_catalog):
+    """A process that finds the exports (the fixtures made them) opens both encoders without
+    importing torch, timm or transformers' models, and embeds exactly as the exporting one."""
+    import json
+    import subprocess
+    import sys
+
+    photo = demo_catalog.parent / "images" / "demo-0003.jpg"
+    texts = ["red dress", "black leather shoes for men"]
+    code = f"""
+import json, sys
+from deployments.core.encoders import ImageEncoder, TextEncoder
+from deployments.core.settings import ImageModelSettings, TextModelSettings
+image = ImageEncoder(ImageModelSettings(cache_dir={model_cache!r}), num_threads=2)
+text = TextEncoder(TextModelSettings(cache_dir={model_cache!r}), num_threads=2)
+v = image.embed_bytes([open({str(photo)!r}, "rb").read()])[0]
+print(json.dumps({{"image": v.tolist(), "text": text.embed({texts!r}).tolist(),
+                  "loaded": [m for m in ("torch", "timm", "transformers.modeling_utils")
+                             if m in sys.modules]}}))
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True, timeout=120)
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    assert got["loaded"] == []
+    assert np.allclose(got["image"], image_encoder.embed_bytes([photo.read_bytes()])[0],
+                       atol=1e-6)
+    assert np.allclose(got["text"], text_encoder.embed(texts), atol=1e-6)
+
+
+def test_exports_are_named_by_what_they_are_made_from(tmp_path):
+    """Another weights file gets its own export (never a stale graph); the same file the
+    same one; random weights (`none`) have nothing to name them by."""
+    from deployments.core.encoders import _export_path, _image_sources
+
+    a, b = tmp_path / "a.pth", tmp_path / "b.pth"
+    a.write_bytes(b"weights one")
+    b.write_bytes(b"weights two")
+
+    def path(weights: str):
+        settings = ImageModelSettings(weights=weights, cache_dir=str(tmp_path))
+        return _export_path(settings.cache_dir, settings.model_name, _image_sources(settings))
+
+    assert path(str(a)) == path(str(a)) != path(str(b))
+    assert path("package") not in (path(str(a)), path(str(b)))
+    assert path("none") is None

@@ -45,15 +45,21 @@ def _weights_id(weights: str) -> str:
     """A stable id of a checkpoint: `package`, `timm`, `none`, or sha256 of the file."""
     if weights in ("package", "timm", "none"):
         return weights
-    path = Path(weights)
+    return file_id(weights)
+
+
+def file_id(path: str) -> str:
+    """`sha256:<16 hex>` of a file's bytes (computed once per path, size and mtime in this
+    process), or `file:<path>` when it cannot be read."""
+    file = Path(path)
     try:
-        stat = path.stat()
+        stat = file.stat()
     except OSError:
-        return f"file:{weights}"
-    key = (str(path.resolve()), stat.st_mtime, stat.st_size)
+        return f"file:{path}"
+    key = (str(file.resolve()), stat.st_mtime, stat.st_size)
     if key not in _WEIGHT_IDS:
         digest = hashlib.sha256()
-        with path.open("rb") as f:
+        with file.open("rb") as f:
             for chunk in iter(lambda: f.read(1 << 20), b""):
                 digest.update(chunk)
         _WEIGHT_IDS[key] = "sha256:" + digest.hexdigest()[:16]
