@@ -218,3 +218,13 @@ def test_exports_are_named_by_what_they_are_made_from(tmp_path):
     assert path(str(a)) == path(str(a)) != path(str(b))
     assert path("package") not in (path(str(a)), path(str(b)))
     assert path("none") is None
+
+
+def test_a_text_model_with_inputs_the_encoder_cannot_fill_is_refused():
+    from tokenizers import Tokenizer as Backend
+
+    from deployments.core.encoders import Tokenizer, default_text_model_path
+
+    backend = Backend.from_file(f"{default_text_model_path()}/tokenizer.json")
+    with pytest.raises(ValueError, match="position_ids"):
+        Tokenizer(backend, ["input_ids", "position_ids"], 0, 128)

@@ -7,9 +7,10 @@ On CPU the models run in ONNX Runtime, exported once from the torch weights into
 folder with a small JSON file of what the encoder needs besides the graph (vector size, the
 image model's input size and normalisation, the text model's input names). The export is named
 by what it is made from (the weights files' digests, the architecture, this module's source and
-the torch / timm / transformers versions), so a process that finds it opens it without importing
-torch, timm or transformers' models: that import and model build was ~6 s of CPU per encoder
-process on this 2-core machine (the Ray Data job's actors, every replica start or upscale).
+the torch / timm / transformers / onnx versions), so a process that finds it opens it without
+importing torch, timm or transformers' models: that import and model build was ~5 s of CPU per
+encoder process on this 2-core machine (the Ray Data job's actors, every replica start or
+upscale; benchmarks/encoder_startup.py).
 """
 
 from __future__ import annotations
@@ -327,7 +328,17 @@ class Tokenizer:
     tokenizers wrap), as transformers calls it for this encoder: special tokens added,
     truncated to `max_length` tokens, padded on the right to the longest text of a call."""
 
+    # model input -> (Encoding attribute, padding value): the inputs of BERT-family models
+    FIELDS = {"input_ids": ("ids", None), "token_type_ids": ("type_ids", 0),
+              "attention_mask": ("attention_mask", 0)}
+
     def __init__(self, backend: Any, inputs: Sequence[str], pad_id: int, max_length: int) -> None:
+        """ValueError for a model input it cannot fill (only the BERT family's are known)."""
+        unknown = [name for name in inputs if name not in self.FIELDS]
+        if unknown:
+            raise ValueError(f"the text model takes inputs {unknown} that the encoder cannot "
+                             f"fill (it knows {sorted(self.FIELDS)}): use a BERT-family model "
+                             "such as the bundled all-MiniLM-L6-v2")
         self.backend = backend
         self.backend.no_padding()
         self.backend.enable_truncation(max_length)
@@ -342,11 +353,10 @@ class Tokenizer:
         """The model inputs of `encodings`: {name: (n, longest) int64}, padded on the right
         (pad id, type 0, mask 0)."""
         longest = max(len(e.ids) for e in encodings)
-        fields = {"input_ids": ("ids", self.pad_id), "token_type_ids": ("type_ids", 0),
-                  "attention_mask": ("attention_mask", 0)}
         batch = {}
         for name in self.inputs:
-            attr, fill = fields[name]
+            attr, fill = self.FIELDS[name]
+            fill = self.pad_id if fill is None else fill
             rows = np.full((len(encodings), longest), fill, dtype=np.int64)
             for i, encoding in enumerate(encodings):
                 values = getattr(encoding, attr)
