@@ -36,6 +36,8 @@ from typing import Any
 import numpy as np
 from pymilvus import MilvusException
 
+from deployments.core.lite_search import schema_fields
+
 log = logging.getLogger(__name__)
 
 # Versions whose engine API (Collection.search / get, the server manager's table) this was
@@ -49,8 +51,6 @@ class LiteReader:
     def __init__(self, data_dir: str, lookup: Callable[[str], Any]) -> None:
         self._data_dir = data_dir
         self._lookup = lookup  # data dir -> the open engine (milvus_lite.db.MilvusLite) or None
-        # id(schema) -> (schema, primary key, JSON fields); the schema held so its id is not reused
-        self._schemas: dict[int, tuple[Any, str, frozenset[str]]] = {}
 
     def available(self) -> bool:
         """Whether the engine for this data dir is open in this process."""
@@ -120,7 +120,7 @@ class LiteReader:
         col = self._collection(collection)
         fields = list(output_fields)
         rows = _engine_call(col.get, list(ids), output_fields=fields)
-        _, decode = self._key_and_json(col, fields)
+        decode = schema_fields(col.schema).json.intersection(fields)
         for row in rows:
             for name in decode:
                 row[name] = _parsed(row.get(name))
@@ -136,26 +136,15 @@ class LiteReader:
                      hits: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """`hits` (engine hits, changed in place) as pymilvus gives them: the primary key in
         each entity when asked for, JSON fields parsed."""
-        key, decode = self._key_and_json(col, fields)
+        known = schema_fields(col.schema)
+        keys, decode = known.primary.intersection(fields), known.json.intersection(fields)
         for hit in hits:
             entity = hit["entity"]
-            if key in fields:
+            for key in keys:
                 entity[key] = hit["id"]
             for name in decode:
                 entity[name] = _parsed(entity.get(name))
         return hits
-
-    def _key_and_json(self, col: Any, fields: list[str]) -> tuple[str, list[str]]:
-        """The primary key's name and which of `fields` are JSON (read from the schema once)."""
-        schema = col.schema
-        known = self._schemas.get(id(schema))
-        if known is None or known[0] is not schema:
-            from milvus_lite.schema.types import DataType
-            key = next(f.name for f in schema.fields if f.is_primary)
-            json_fields = frozenset(f.name for f in schema.fields if f.dtype == DataType.JSON)
-            known = self._schemas[id(schema)] = (schema, key, json_fields)
-        _, key, json_fields = known
-        return key, [f for f in fields if f in json_fields]
 
 
 def _engine_call(func: Callable, *args: Any, **kwargs: Any) -> Any:

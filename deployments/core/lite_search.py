@@ -48,7 +48,8 @@ _cache: weakref.WeakKeyDictionary[Any, dict[tuple, _Snapshot]] = weakref.WeakKey
 _original: Callable | None = None
 _original_python: Callable | None = None  # the engine's row-wise filter evaluator
 _original_is_primary: Callable | None = None
-_primary_names: dict[int, tuple[Any, frozenset[str]]] = {}  # id(schema) -> (schema, names)
+# id(schema) -> (schema, its SchemaFields); the schema held so its id is not reused
+_schema_fields: dict[int, tuple[Any, SchemaFields]] = {}
 
 
 @dataclass
@@ -327,15 +328,33 @@ def evaluate_python(compiled: Any, data: Any) -> Any:
     return _original_python(compiled, data)
 
 
+@dataclass(frozen=True)
+class SchemaFields:
+    """What reads of an engine schema need to know of its fields."""
+
+    primary: frozenset[str]  # the primary key's name (Milvus has one)
+    json: frozenset[str]  # JSON fields (the engine keeps their values as text)
+
+
+def schema_fields(schema: Any) -> SchemaFields:
+    """The primary key and JSON fields of an engine schema, worked out once per schema object
+    (this module's `is_primary` and `lite_reads` ask for every hit)."""
+    entry = _schema_fields.get(id(schema))
+    if entry is None or entry[0] is not schema:  # an id reused by a new schema object
+        from milvus_lite.schema.types import DataType
+
+        entry = (schema, SchemaFields(
+            primary=frozenset(f.name for f in schema.fields if f.is_primary),
+            json=frozenset(f.name for f in schema.fields if f.dtype == DataType.JSON)))
+        _schema_fields[id(schema)] = entry
+    return entry[1]
+
+
 def is_primary(schema: Any, field_name: str) -> bool:
     """Whether `field_name` is the schema's primary key: the engine asks this for every field
     of every hit it returns, each time looping over every field of the schema (a third of a
     200-hit search's time in the engine); the answer per schema object is computed once."""
-    entry = _primary_names.get(id(schema))
-    if entry is None or entry[0] is not schema:  # an id reused by a new schema object
-        entry = (schema, frozenset(f.name for f in schema.fields if f.is_primary))
-        _primary_names[id(schema)] = entry
-    return field_name in entry[1]
+    return field_name in schema_fields(schema).primary
 
 
 def install() -> bool:
