@@ -10,10 +10,11 @@ copy of the catalogue. Each size is built in its own process, one after the othe
 and their latencies are then timed in alternating rounds, so every size is measured under the
 same load of this shared machine (a ratio of latencies measured minutes apart is not one).
 Each round also times the same queries through Milvus Lite's gRPC server (the reads before
-deployments.core.lite_reads), on the same engine. Memory is the RSS of each size's process
-once built, which runs the embedded store: Python, numpy, pymilvus, the Milvus Lite engine
-(segments' columns, vector indexes, memtable) and the 7,036 seed vectors; no encoder models
-are loaded.
+deployments.core.lite_reads), on the same engine, and, on the direct reads, filtered to one
+category of four and excluding one product (the searches that hand the indexes a row mask).
+Memory is the RSS of each size's process once built, which runs the embedded store: Python,
+numpy, pymilvus, the Milvus Lite engine (segments' columns, vector indexes, memtable) and the
+7,036 seed vectors; no encoder models are loaded.
 
     .venv/bin/python -m benchmarks.scale --sizes 10000,100000[,300000] [--rounds 5]
 """
@@ -34,12 +35,19 @@ import numpy as np
 import psutil
 
 from benchmarks.common import DATASET, OUT, CatalogueEmbedder, read_catalogue
+from deployments.core import lite_search
 from deployments.core.demo import generate_demo_catalog
 from deployments.core.errors import BackendUnavailable
+from deployments.core.filters import Filters
 from deployments.core.memory import release_free_memory
 from deployments.core.products import Product
 from deployments.core.settings import load_settings
-from deployments.core.store import ProductStore
+from deployments.core.store import ProductStore, filter_expression
+
+# Products are spread over four categories; the filtered searches keep one (a quarter of them).
+CATEGORIES = ("Apparel", "Footwear", "Accessories", "Personal Care")
+ONE_CATEGORY = filter_expression(Filters(category=[CATEGORIES[0]]))
+VARIANTS = ("filtered", "excluding", "filtered_engine", "excluding_engine")
 
 
 def seed_vectors(limit: int) -> tuple[np.ndarray, np.ndarray]:
@@ -124,7 +132,8 @@ def build(size: int, image_seeds: np.ndarray, text_seeds: np.ndarray, queries: i
         n = min(batch, size - lo)
         image = blend(image_seeds, n, rng)
         exact = running_top(exact, probe @ image.T, lo)
-        products = [Product(id=f"p{lo + i}", title=f"Product {lo + i}") for i in range(n)]
+        products = [Product(id=f"p{lo + i}", title=f"Product {lo + i}",
+                            category=CATEGORIES[(lo + i) % len(CATEGORIES)]) for i in range(n)]
         store.upsert(products, image, blend(text_seeds, n, rng))
     del image
     store.flush()
@@ -165,6 +174,34 @@ def timed_queries(store: ProductStore, probe: np.ndarray,
     return latencies, float(np.mean(recalls))
 
 
+def timed_variants(store: ProductStore, probe: np.ndarray,
+                   truth: np.ndarray) -> dict[str, list[float]]:
+    """Latencies (ms) of the probes searched with a filter (one category of four) and with
+    one product excluded (its exact nearest, as "more like this" excludes the product itself):
+    both hand the segment indexes a mask of the rows allowed. Each is timed as shipped
+    (`lite_search.index_search`: the mask as a bitmap) and, keys ending `_engine`, with the
+    mask handed to the indexes as Milvus Lite's own search does (a set of row ids)."""
+    shipped = lite_search.index_search
+
+    def engine(index, queries, top_k, mask, params):
+        return index.search(queries, top_k, valid_mask=mask, params=params)
+
+    timings: dict[str, list[float]] = {}
+    for suffix, index_search in (("", shipped), ("_engine", engine)):
+        lite_search.index_search = index_search
+        try:
+            for q, exact in zip(probe, truth, strict=True):
+                for name, kwargs in (("filtered", {"filter": ONE_CATEGORY}),
+                                     ("excluding", {"exclude_ids": [f"p{int(exact[0])}"]})):
+                    t = time.perf_counter()
+                    store.search(q, "image", 10, **kwargs)
+                    timings.setdefault(name + suffix, []).append(
+                        (time.perf_counter() - t) * 1000)
+        finally:
+            lite_search.index_search = shipped
+    return timings
+
+
 def serve_size(size: int, image_seeds: np.ndarray, text_seeds: np.ndarray, queries: int,
                engine_search: bool) -> None:
     """A child process: build one size, print its figures, then answer "measure" lines on
@@ -186,7 +223,8 @@ def serve_size(size: int, image_seeds: np.ndarray, text_seeds: np.ndarray, queri
         latencies, recall = timed_queries(store, probe, truth)
         grpc_latencies, _ = timed_queries(grpc_store, probe, truth)
         print("ROUND " + json.dumps({"latencies": latencies, "recall": recall,
-                                     "grpc_latencies": grpc_latencies}), flush=True)
+                                     "grpc_latencies": grpc_latencies,
+                                     **timed_variants(store, probe, truth)}), flush=True)
     store.close()
     shutil.rmtree(figures["work"], ignore_errors=True)
 
@@ -221,7 +259,7 @@ def measure_side_by_side(sizes: list[int], args: argparse.Namespace) -> list[dic
                   f"{figures['release_ms']:.0f} ms), {figures['segments']} segments",
                   flush=True)
             child.figures, child.latencies, child.recalls = figures, [], []
-            child.grpc_latencies = []
+            child.grpc_latencies, child.variants = [], {}
         for _ in range(args.rounds):
             for child in children:
                 child.stdin.write("measure\n")
@@ -229,6 +267,8 @@ def measure_side_by_side(sizes: list[int], args: argparse.Namespace) -> list[dic
                 round_ = _reply(child, "ROUND")
                 child.latencies += round_["latencies"]
                 child.grpc_latencies += round_["grpc_latencies"]
+                for name in VARIANTS:
+                    child.variants.setdefault(name, []).extend(round_[name])
                 child.recalls.append(round_["recall"])
     finally:
         for child in children:
@@ -240,6 +280,8 @@ def measure_side_by_side(sizes: list[int], args: argparse.Namespace) -> list[dic
              "p50_ms": float(np.percentile(c.latencies, 50)),
              "p99_ms": float(np.percentile(c.latencies, 99)),
              "grpc_p50_ms": float(np.percentile(c.grpc_latencies, 50)),
+             **{f"{name}_p50_ms": float(np.percentile(c.variants[name], 50))
+                for name in VARIANTS},
              "recall_at_10": float(np.mean(c.recalls))} for c in children]
 
 
@@ -270,13 +312,19 @@ def main() -> None:
         print(f"{r['size']:>8} vectors: search p50 {r['p50_ms']:.1f} ms p99 {r['p99_ms']:.1f} "
               f"ms, recall@10 {r['recall_at_10']:.3f} ({args.rounds} rounds of "
               f"{args.queries} queries, alternating with the other sizes); through Milvus "
-              f"Lite's gRPC server: p50 {r['grpc_p50_ms']:.1f} ms", flush=True)
+              f"Lite's gRPC server: p50 {r['grpc_p50_ms']:.1f} ms; filtered to one category "
+              f"of four: p50 {r['filtered_p50_ms']:.1f} ms (masks as Lite hands them to its "
+              f"indexes: {r['filtered_engine_p50_ms']:.1f} ms); excluding one product: p50 "
+              f"{r['excluding_p50_ms']:.1f} ms ({r['excluding_engine_p50_ms']:.1f} ms)",
+              flush=True)
     growth = []
     for small, big in zip(results, results[1:], strict=False):
         added = big["size"] - small["size"]
         growth.append({"from": small["size"], "to": big["size"],
                        "p50_ratio": big["p50_ms"] / small["p50_ms"],
                        "grpc_p50_ratio": big["grpc_p50_ms"] / small["grpc_p50_ms"],
+                       "filtered_p50_ratio": big["filtered_p50_ms"] / small["filtered_p50_ms"],
+                       "excluding_p50_ratio": big["excluding_p50_ms"] / small["excluding_p50_ms"],
                        "rss_mb_per_100k": (big["process_rss_mb"] - small["process_rss_mb"])
                        / added * 100_000,
                        # what the search deployment holds once it has given freed memory back
@@ -285,7 +333,8 @@ def main() -> None:
                        / added * 100_000})
         g = growth[-1]
         print(f"x{big['size'] / small['size']:.0f} vectors: p50 x{g['p50_ratio']:.2f} (through "
-              f"gRPC x{g['grpc_p50_ratio']:.2f}), insert "
+              f"gRPC x{g['grpc_p50_ratio']:.2f}; filtered x{g['filtered_p50_ratio']:.2f}, "
+              f"excluding one x{g['excluding_p50_ratio']:.2f}), insert "
               f"x{big['insert_s'] / small['insert_s']:.1f}, memory "
               f"{g['rss_mb_per_100k'] / 1024:.2f} GB per 100k added products as built, "
               f"{g['released_rss_mb_per_100k'] / 1024:.2f} GB once freed memory is given back "
