@@ -18,7 +18,8 @@ from typing import Any
 import numpy as np
 import ray
 
-from deployments.core.heads import FitOptions, Heads, fit_heads, heads_folder, model_ids
+from deployments.core.heads import Heads, heads_folder, model_ids
+from deployments.core.heads_fit import FitOptions, fit_heads
 from deployments.core.learned import annotate_store
 from deployments.core.settings import AppSettings, HeadSettings
 

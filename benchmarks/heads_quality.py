@@ -56,7 +56,7 @@ def split(groups: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray, np.nda
 def fit(catalogue, vectors: dict, members: np.ndarray):
     """Heads fitted on `members` only (their labels and text vectors; label sentences embedded
     by the configured text encoder, as `batch_index fit` does)."""
-    from deployments.core.heads import FitOptions, fit_heads
+    from deployments.core.heads_fit import FitOptions, fit_heads
 
     options = FitOptions()
     labels = {f: [getattr(catalogue.products[i], f) for i in members] for f in options.fields}

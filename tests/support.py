@@ -3,6 +3,7 @@ stopped and restarted, killing a Serve replica, free ports, polling /healthz, ph
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import shutil
@@ -67,6 +68,21 @@ def replica_actor_names(app: str, deployment: str) -> list[str]:
     prefix = f"SERVE_REPLICA::{app}#{deployment}#"
     return sorted(a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
                   if a["name"].startswith(prefix))
+
+
+def replica_libraries(app: str, deployment: str) -> list[set[str]]:
+    """Per live replica process of a deployment on this machine (found by the process title
+    Ray gives an actor's worker, `ray::ServeReplica:<app>:<deployment>`), the files it has
+    mapped, shared libraries included."""
+    import psutil
+
+    title = f"ServeReplica:{app}:{deployment}"
+    mapped = []
+    for process in psutil.process_iter(["cmdline"]):
+        if any(part.startswith(f"ray::{title}") for part in process.info["cmdline"] or ()):
+            with contextlib.suppress(psutil.NoSuchProcess):
+                mapped.append({m.path for m in process.memory_maps() if m.path})
+    return mapped
 
 
 def kill_replica(app: str, deployment: str) -> str:

@@ -16,15 +16,14 @@ import pytest
 from deployments.core.catalog import read_csv_catalog
 from deployments.core.demo import generate_demo_catalog
 from deployments.core.heads import (
-    FitOptions,
     Heads,
     IncompatibleHeads,
     current_version,
-    fit_heads,
     label_votes,
     load_heads,
     neighbour_weights,
 )
+from deployments.core.heads_fit import FitOptions, fit_heads
 from deployments.core.images import decode_image
 from deployments.core.learned import (
     found_by,

@@ -14,7 +14,7 @@ import pytest
 
 from deployments.core.demo import draw_product
 from deployments.core.products import PREDICTED_FIELDS
-from tests.support import jpeg_bytes, replica_actor_names
+from tests.support import jpeg_bytes, replica_actor_names, replica_libraries
 
 pytestmark = pytest.mark.integration
 # Names the colour and type of the untitled product below: its title says nothing, its photo does.
@@ -90,6 +90,11 @@ def test_service_picks_up_a_new_fit_without_restart(service, service_settings):
         shopper.join()
     assert statuses and set(statuses) == {200}, statuses
     assert replica_actor_names("shopsearch", "ProductSearch") == replicas  # no replica restarted
+    # The replicas apply the heads (and backfilled the predictions) with numpy: torch, which
+    # only the fit needs, is not loaded in their processes.
+    mapped = replica_libraries("shopsearch", "ProductSearch")
+    assert len(mapped) == len(replicas) and all(mapped)
+    assert not [f for files in mapped for f in files if "libtorch" in f]
 
     text = httpx.post(f"{service}/search/text", json={"query": "red dress", "k": 5,
                                                        "explain": True}, timeout=30).json()

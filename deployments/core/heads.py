@@ -1,4 +1,5 @@
-"""Heads fitted on the shop's own catalogue: torch on CPU, no Ray, no Milvus.
+"""Heads fitted on the shop's own catalogue, as the service applies them: numpy only, no torch,
+no Ray, no Milvus (the fit, with torch, is deployments.core.heads_fit).
 
 Two kinds of small model learn from the stored vectors and labels of a catalogue:
 
@@ -14,27 +15,25 @@ Two kinds of small model learn from the stored vectors and labels of a catalogue
 The alignment learns from titles and, when the fit is given the text encoder, from sentences
 built from the labels ("{colour} {article_type}", "{article_type}"): the words shoppers type.
 
-`fit_heads` holds out a validation split of its own and records its figures in the artifact.
-The artifact is an `.npz` (weights) and a `.json` (model ids, dims, fields, label vocabularies,
-fit date, version, validation figures) in one folder per collection, with `current.json` naming
-the version in use; `load_heads` refuses one made for other models or dims (IncompatibleHeads).
+`heads_fit.fit_heads` holds out a validation split of its own and records its figures in the
+artifact. The artifact is an `.npz` (weights) and a `.json` (model ids, dims, fields, label
+vocabularies, fit date, version, validation figures) in one folder per collection, with
+`current.json` naming the version in use; `load_heads` refuses one made for other models or dims
+(IncompatibleHeads).
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
-import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 
+from deployments.core.encoders import l2_normalise
 from deployments.core.errors import SearchError
 
 FORMAT = 1  # the artifact layout; a reader refuses any other
@@ -45,31 +44,6 @@ class IncompatibleHeads(SearchError):
     """A heads artifact made for other models, dims or format: refit with `batch_index fit`."""
 
     code = "incompatible_heads"
-
-
-@dataclass(frozen=True)
-class FitOptions:
-    """Hyper-parameters of a fit (HeadSettings carries them from the config)."""
-
-    fields: tuple[str, ...] = ("article_type", "colour", "category", "gender", "subcategory",
-                               "usage", "season")
-    min_field_products: int = 50  # a field is fitted when this many products carry a label
-    min_class_products: int = 5  # rarer values of a field are left out of its vocabulary
-    validation_share: float = 0.2
-    align_epochs: int = 30  # cycling through titles and the templates
-    align_batch: int = 512
-    align_temperature: float = 0.05
-    align_lr: float = 2e-3
-    # Label sentences the alignment also learns from (needs `embed_text`); epochs cycle
-    # through titles and each template, so the fit costs no more per epoch.
-    templates: tuple[str, ...] = ("{colour} {article_type}", "{article_type}")
-    neighbours: int = 10  # colour-descriptor neighbours that vote beside a head
-    neighbour_temperature: float = 0.05
-    neighbour_shares: tuple[float, ...] = (0.0, 0.25, 0.5)  # picked on the held-out split
-    min_pairs: int = 32  # fewer (photo, text) pairs: no alignment head
-    l2: float = 1e-3  # weight decay of the attribute heads
-    seed: int = 0
-    threads: int = 2
 
 
 @dataclass
@@ -129,7 +103,7 @@ class Heads:
         if self.projection is None:
             raise IncompatibleHeads("this heads artifact has no alignment head (too few titled "
                                     "products when it was fitted)")
-        return _normalise(np.asarray(image_vectors, np.float32) @ self.projection)
+        return l2_normalise(np.asarray(image_vectors, np.float32) @ self.projection)
 
     def features(self, image_vectors: np.ndarray, colour_vectors: np.ndarray) -> np.ndarray:
         """Standardised (n, image_dim + colour_dim) features of photos."""
@@ -262,196 +236,6 @@ def load_heads(folder: str | Path, image_model: str, text_model: str, image_dim:
                  float(near.get("temperature", 0.05)))
 
 
-# -- fitting -------------------------------------------------------------------------------
-def fit_heads(image: np.ndarray, text: np.ndarray, colour: np.ndarray,
-              labels: dict[str, list[str]], has_text: np.ndarray,
-              image_model: str, text_model: str, options: FitOptions = FitOptions(),
-              embed_text: Callable[[list[str]], np.ndarray] | None = None) -> Heads:
-    """Fit the alignment head on the products with text and an attribute head per field with
-    enough labels. `image` (n, image_dim), `text` (n, text_dim), `colour` (n, colour_dim):
-    stored float32 vectors; `labels`: per field, n values ("" = unlabelled); `has_text`: (n,)
-    bool; `embed_text` (optional, the text encoder: list of m strings -> (m, text_dim)
-    float32): with it the alignment also learns from `options.templates` filled with each
-    product's labels. A validation split (by product, `options.validation_share`) is held
-    out of every fit; its figures go into the artifact."""
-    start = time.perf_counter()
-    torch.manual_seed(options.seed)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(options.threads)
-    try:
-        image = np.asarray(image, np.float32)
-        colour = np.asarray(colour, np.float32)
-        n = len(image)
-        rng = np.random.default_rng(options.seed)
-        valid = np.zeros(n, dtype=bool)
-        valid[rng.permutation(n)[: int(round(n * options.validation_share))]] = True
-        x = np.concatenate([image, colour], axis=1)
-        mean, std = x[~valid].mean(axis=0), x[~valid].std(axis=0) + 1e-6
-        x = (x - mean) / std
-        validation: dict[str, Any] = {"products": int(n), "held_out": int(valid.sum())}
-        projection = None
-        pairs = np.asarray(has_text, bool)
-        if (pairs & ~valid).sum() >= options.min_pairs:
-            sources = [_TextSource(_normalise(np.asarray(text, np.float32)), np.arange(n),
-                                   pairs)]
-            if embed_text is not None:
-                sources += [_template_source(t, labels, n, embed_text)
-                            for t in options.templates]
-            projection, figures = _fit_alignment(image, sources, valid, options)
-            validation["alignment"] = figures
-        votes = neighbour_weights(colour[valid], colour[~valid], options.neighbours,
-                                  options.neighbour_temperature)
-        heads: dict[str, AttributeHead] = {}
-        for name in options.fields:
-            values = np.asarray(labels.get(name, [""] * n), dtype=object)
-            fitted = _fit_attribute(x, values, valid, votes, options)
-            if fitted is not None:
-                heads[name], validation[name] = fitted
-        validation["fit_s"] = round(time.perf_counter() - start, 2)
-    finally:
-        torch.set_num_threads(threads)
-    fitted_at = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-    digest = hashlib.sha256()
-    for array in (projection if projection is not None else np.zeros(1), mean,
-                  *(h.weight for h in heads.values())):
-        digest.update(np.ascontiguousarray(array).tobytes())
-    version = f"{fitted_at.replace('-', '').replace(':', '')}-{digest.hexdigest()[:8]}"
-    neighbours = colour[~valid] if any(h.share > 0 for h in heads.values()) else None
-    if neighbours is None:
-        for head in heads.values():
-            head.neighbour_labels = None
-    return Heads(image_model, text_model, image.shape[1], int(np.asarray(text).shape[1]),
-                 colour.shape[1], projection, mean.astype(np.float32), std.astype(np.float32),
-                 heads, fitted_at, version, validation, neighbours, options.neighbours,
-                 options.neighbour_temperature)
-
-
-@dataclass
-class _TextSource:
-    """What the photos are aligned to in one pass: per product a row of `vectors` (`rows`,
-    (n,)), and which products take part (`mask`, (n,) bool). Products sharing a row (the same
-    label sentence) are all right answers for each other."""
-
-    vectors: np.ndarray  # (m, text_dim) float32, L2-normalised
-    rows: np.ndarray  # (n,) int
-    mask: np.ndarray  # (n,) bool
-
-
-def _template_source(template: str, labels: dict[str, list[str]], n: int,
-                     embed_text: Callable[[list[str]], np.ndarray]) -> _TextSource:
-    """A label sentence per product ("{colour} {article_type}" -> "black shirts"), lower
-    case; products lacking a label the template names take no part."""
-    names = [f for f in labels if "{" + f + "}" in template]
-    sentences = []
-    for i in range(n):
-        values = {f: str(labels[f][i]).strip().lower() for f in names}
-        sentences.append(template.format(**values) if all(values.values()) else "")
-    unique = sorted({t for t in sentences if t})
-    index = {t: j for j, t in enumerate(unique)}
-    vectors = (_normalise(np.asarray(embed_text(unique), np.float32)) if unique
-               else np.zeros((0, 1), np.float32))
-    rows = np.array([index.get(t, -1) for t in sentences])
-    return _TextSource(vectors, np.maximum(rows, 0), rows >= 0)
-
-
-def _fit_alignment(image: np.ndarray, sources: list[_TextSource], valid: np.ndarray,
-                   options: FitOptions) -> tuple[np.ndarray, dict[str, Any]]:
-    """Linear image -> text map by symmetric InfoNCE over in-batch negatives (in-batch
-    products with the same text count as positives); epochs cycle through `sources`
-    (sources[0]: the products' own texts). Figures: own-text -> photo recall@1/@10 among the
-    held-out pairs (chance: 1/n, 10/n)."""
-    xi = torch.from_numpy(image)
-    layer = torch.nn.Linear(image.shape[1], sources[0].vectors.shape[1], bias=False)
-    optimiser = torch.optim.AdamW(layer.parameters(), lr=options.align_lr, weight_decay=1e-4)
-    generator = torch.Generator().manual_seed(options.seed)
-    usable = [s for s in sources if (s.mask & ~valid).sum() >= options.min_pairs]
-    for epoch in range(options.align_epochs):
-        source = usable[epoch % len(usable)]
-        train = torch.from_numpy(np.flatnonzero(source.mask & ~valid))
-        texts, rows = torch.from_numpy(source.vectors), torch.from_numpy(source.rows)
-        batch = min(options.align_batch, len(train))
-        order = train[torch.randperm(len(train), generator=generator)]
-        for s in range(0, len(order) - batch + 1, batch):
-            idx = order[s: s + batch]
-            logits = F.normalize(layer(xi[idx]), dim=1) @ texts[rows[idx]].T
-            same = (rows[idx][:, None] == rows[idx][None, :]).float()
-            target = same / same.sum(dim=1, keepdim=True)
-            logits = logits / options.align_temperature
-            loss = -((target * F.log_softmax(logits, dim=1)).sum(dim=1).mean()
-                     + (target * F.log_softmax(logits.T, dim=1)).sum(dim=1).mean()) / 2
-            optimiser.zero_grad()
-            loss.backward()
-            optimiser.step()
-    projection = layer.weight.detach().numpy().T.copy()
-    own = sources[0]
-    held = np.flatnonzero(own.mask & valid)
-    figures: dict[str, Any] = {"train_pairs": int((own.mask & ~valid).sum()),
-                               "held_out_pairs": int(len(held)),
-                               "label_sentences": int(sum(len(s.vectors)
-                                                          for s in sources[1:]))}
-    if len(held) >= 2:
-        photos = _normalise(image[held] @ projection)
-        texts = own.vectors[own.rows[held]]
-        rank = (texts @ photos.T > np.sum(texts * photos, axis=1)[:, None]).sum(axis=1)
-        figures.update({"text_to_photo_recall@1": round(float(np.mean(rank < 1)), 4),
-                        "text_to_photo_recall@10": round(float(np.mean(rank < 10)), 4)})
-    return projection, figures
-
-
-def _fit_attribute(x: np.ndarray, values: np.ndarray, valid: np.ndarray, votes: np.ndarray,
-                   options: FitOptions) -> tuple[AttributeHead, dict[str, Any]] | None:
-    """A calibrated logistic regression of one field, or None without enough support; the
-    share of the colour neighbours' vote (`votes`: held-out x fitted products, from
-    `neighbour_weights`) is the one of `options.neighbour_shares` with the lowest held-out
-    log-loss."""
-    labelled = values != ""
-    names, counts = np.unique(values[labelled & ~valid].astype(str), return_counts=True)
-    keep = names[counts >= options.min_class_products]
-    if len(keep) < 2 or labelled.sum() < options.min_field_products:
-        return None
-    index = {v: i for i, v in enumerate(keep)}
-    y = np.array([index.get(v, -1) for v in values])
-    train, held = np.flatnonzero((y >= 0) & ~valid), np.flatnonzero((y >= 0) & valid)
-    layer = torch.nn.Linear(x.shape[1], len(keep))
-    xt, yt = torch.from_numpy(x[train]), torch.from_numpy(y[train])
-    optimiser = torch.optim.LBFGS(layer.parameters(), lr=1, max_iter=100,
-                                  line_search_fn="strong_wolfe")
-
-    def closure():
-        optimiser.zero_grad()
-        loss = F.cross_entropy(layer(xt), yt) + options.l2 * layer.weight.pow(2).sum()
-        loss.backward()
-        return loss
-
-    optimiser.step(closure)
-    head = AttributeHead([str(v) for v in keep], layer.weight.detach().numpy().T.copy(),
-                         layer.bias.detach().numpy().copy(),
-                         neighbour_labels=y[~valid].astype(np.int32))
-    figures: dict[str, Any] = {"classes": len(keep), "train": int(len(train)),
-                               "held_out": int(len(held)),
-                               "chance": round(float(np.max(np.bincount(y[train])) / len(train)),
-                                               4)}
-    if len(held):
-        logits = torch.from_numpy(x[held] @ head.weight + head.bias)
-        target = torch.from_numpy(y[held])
-        head.temperature = _fit_temperature(logits, target)
-        held_votes = votes[np.flatnonzero(valid).searchsorted(held)]
-        losses = {}
-        for share in options.neighbour_shares:
-            head.share = share
-            p = head.probabilities(x[held], held_votes)
-            losses[share] = float(-np.log(p[np.arange(len(held)), y[held]] + 1e-12).mean())
-        head.share = min(losses, key=losses.get)
-        p = head.probabilities(x[held], held_votes)
-        hits = p.argmax(axis=1) == y[held]
-        figures.update({"accuracy": round(float(hits.mean()), 4),
-                        "nll": round(losses[head.share], 4),
-                        "ece": round(expected_calibration_error(p.max(axis=1), hits), 4),
-                        "temperature": round(head.temperature, 4),
-                        "neighbour_share": head.share})
-    return head, figures
-
-
 def neighbour_weights(queries: np.ndarray, neighbours: np.ndarray, k: int,
                       temperature: float) -> np.ndarray:
     """(n, m) vote weights of m neighbours for n queries by colour descriptor ((n, d) and
@@ -481,37 +265,6 @@ def label_votes(votes: np.ndarray, labels: np.ndarray, classes: int) -> np.ndarr
     p = votes @ onehot
     total = p.sum(axis=1, keepdims=True)
     return np.where(total > 0, p / np.maximum(total, 1e-12), 1.0 / classes)
-
-
-def _fit_temperature(logits: torch.Tensor, target: torch.Tensor) -> float:
-    """The temperature T minimising the held-out NLL of softmax(logits / T)."""
-    log_t = torch.zeros(1, requires_grad=True)
-    optimiser = torch.optim.LBFGS([log_t], lr=0.5, max_iter=100, line_search_fn="strong_wolfe")
-
-    def closure():
-        optimiser.zero_grad()
-        loss = F.cross_entropy(logits / log_t.exp(), target)
-        loss.backward()
-        return loss
-
-    optimiser.step(closure)
-    return float(np.clip(log_t.exp().item(), 0.05, 20.0))
-
-
-def expected_calibration_error(confidence: np.ndarray, correct: np.ndarray,
-                               bins: int = 10) -> float:
-    """Mean |accuracy - confidence| over equal-width confidence bins, weighted by bin size."""
-    edges = np.minimum((np.asarray(confidence) * bins).astype(int), bins - 1)
-    total = 0.0
-    for b in range(bins):
-        inside = edges == b
-        if inside.any():
-            total += inside.sum() * abs(correct[inside].mean() - confidence[inside].mean())
-    return float(total / max(len(confidence), 1))
-
-
-def _normalise(x: np.ndarray) -> np.ndarray:
-    return (x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)).astype(np.float32)
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:
