@@ -201,3 +201,46 @@ def test_masked_index_search_selects_the_rows_the_engine_does(index_type, metric
     assert (nothing[0] == -1).all() and np.isinf(nothing[1]).all()
     with pytest.raises(ValueError, match="valid_mask length"):
         lite_search.index_search(index, queries, 5, np.ones(10, bool), params)
+
+
+def test_primary_key_terms_answer_as_the_engine_does(store):
+    """`id in`, `id not in` and `not (id in ...)` terms (alone, with other clauses, nested in
+    an AND) are answered from the snapshot's keys and keep exactly the engine's rows, with
+    products updated across segments, deleted, and still unflushed."""
+    store.upsert(_products(range(200)), _vectors(200, IMAGE_DIM, 1), _vectors(200, TEXT_DIM, 2))
+    store.flush()
+    store.upsert(_products(range(100, 160), " v2"), _vectors(60, IMAGE_DIM, 3),
+                 _vectors(60, TEXT_DIM, 4))
+    store.flush()  # p100-p159 now in both segments, the newer one live
+    store.delete(["p101", "p3"])
+    store.upsert(_products(range(150, 170), " v3"), _vectors(20, IMAGE_DIM, 5),
+                 _vectors(20, TEXT_DIM, 6))  # unflushed
+    queries = _vectors(8, IMAGE_DIM, 7)
+    listed = '["p2", "p3", "p100", "p101", "p120", "p155", "p190", "nope"]'
+    shirts = filter_expression(Filters(article_type=["Shirt"]))
+    cases = {
+        f"id in {listed}": {"p2", "p100", "p120", "p155", "p190"},
+        f"id not in {listed}": None,
+        f"not (id in {listed}) and {shirts}": None,
+        f"({shirts}) and (id in {listed} and id not in [\"p120\"])": {"p2", "p100", "p190"},
+    }
+    for expr, only in cases.items():
+        terms, rest = lite_search.key_terms(_compiled(store, expr), "id")
+        assert terms, expr  # the terms are taken off the expression
+        answers = _both(store, queries, filter=expr)
+        found = {pid for row in answers for pid, _, _ in row}
+        assert found and not found & {"p3", "p101", "nope"}, expr
+        if only is not None:
+            assert found == only, expr
+        else:
+            assert not found & {"p2", "p100", "p120", "p155", "p190"}, expr
+    answers = _both(store, queries, exclude_ids=["p120", "p155"])  # "more like this"
+    assert not {pid for row in answers for pid, _, _ in row} & {"p120", "p155"}
+
+
+
+def _compiled(store: ProductStore, expr: str):
+    """The parsed expression in the engine's compiled form (fields unchecked)."""
+    from milvus_lite.search.filter import CompiledExpr, parse_expr
+
+    return CompiledExpr(ast=parse_expr(expr), fields={}, backend="arrow", source=expr)

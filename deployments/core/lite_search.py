@@ -17,6 +17,9 @@ a 300k-product catalogue (3 segments) does not cost three segments' time per sea
 Two smaller per-row costs of the engine are cut the same way: its row-wise filter evaluator (JSON
 paths) gets only the columns an expression reads (`evaluate_python`), and whether a returned
 field is the primary key is answered once per schema, not per field per hit (`is_primary`).
+A filter's primary-key terms ("more like this" excludes the product itself) are answered from
+the snapshot's sorted keys, not by checking every row's key (`key_terms`), and the rows a
+filter allows reach faiss as a bitmap, not a set built per search (`index_search`).
 
 `install()` swaps the engine's functions for these when the installed Milvus Lite is a version
 this was written against, else leaves the engine alone. Only the embedded engine in this
@@ -25,6 +28,7 @@ process is affected; a Milvus server searches its own way.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import threading
@@ -120,6 +124,52 @@ def _snapshot(memtable: Any, partitions: list[str] | None, segments: tuple,
     return entry
 
 
+def key_terms(compiled: Any, pk_field: str) -> tuple[list[tuple[bool, tuple]], Any]:
+    """The primary-key terms of a filter's top-level AND (`id in [...]`, `id not in [...]`,
+    `not (id in [...])`) as (excluded, keys) pairs, and the filter without them (None when
+    nothing is left). Milvus Lite checks such a term against every row's key, per segment
+    (0.7 ms per 100k rows for one excluded product); the snapshot finds each key's row
+    directly, as a Milvus server answers primary-key terms from its key index."""
+    from milvus_lite.search.filter.ast import And, FieldRef, InOp, IntLit, Not, StringLit
+
+    def operands(node: Any) -> list[Any]:
+        return [n for op in node.operands for n in operands(op)] if isinstance(node, And) \
+            else [node]
+
+    terms, rest = [], []
+    for node in operands(compiled.ast):
+        inner, negated = (node.operand, True) if isinstance(node, Not) else (node, False)
+        if (isinstance(inner, InOp) and isinstance(inner.field, FieldRef)
+                and inner.field.name == pk_field
+                and all(isinstance(e, StringLit | IntLit) for e in inner.values.elements)):
+            terms.append((negated != inner.negate,
+                          tuple(e.value for e in inner.values.elements)))
+        else:
+            rest.append(node)
+    if not terms:
+        return [], compiled
+    if not rest:
+        return terms, None
+    ast = rest[0] if len(rest) == 1 else And(tuple(rest), compiled.ast.pos)
+    return terms, dataclasses.replace(compiled, ast=ast)
+
+
+def _key_masks(snap: _Snapshot, terms: list[tuple[bool, tuple]]) -> list[np.ndarray]:
+    """Per segment, (rows,) bool: the rows the primary-key terms allow. Only a key's newest
+    row can be live (the snapshot's masks drop every older one), so a term decides by it."""
+    allowed = np.ones(len(snap.seqs), dtype=bool)
+    for excluded, keys in terms:
+        found, pos = _positions(snap.keys, list(keys))
+        rows = snap.newest_row[pos[found]]
+        if excluded:
+            allowed[rows] = False
+        else:
+            listed = np.zeros_like(allowed)
+            listed[rows] = True
+            allowed &= listed
+    return [allowed[snap.offsets[i]:snap.offsets[i + 1]] for i in range(len(snap.segments))]
+
+
 def _segment_masks(snap: _Snapshot, newer: dict[Any, int]) -> list[np.ndarray]:
     """The snapshot's live masks less the rows that `newer` (key -> sequence of a write or
     delete still in memory) supersedes. Copies only the segments it changes."""
@@ -182,6 +232,13 @@ def execute_search(
         newer[pk] = max(int(seq), newer.get(pk, -1))
     snap = _snapshot(memtable, partition_names, scope, tombstones) if scope else None
     masks = _segment_masks(snap, newer) if snap is not None else []
+    # Primary-key terms ("more like this" excludes the product itself) from the snapshot's
+    # key index; the rest of the expression, if any, row by row as the engine does.
+    segment_filter = compiled_filter
+    if snap is not None and compiled_filter is not None and indexed_filter_plan is None:
+        terms, segment_filter = key_terms(compiled_filter, pk_field)
+        if terms:
+            masks = [m & k for m, k in zip(masks, _key_masks(snap, terms), strict=True)]
 
     def recall(job: tuple[int, np.ndarray, np.ndarray, Any]) -> list[list[tuple]]:
         """One source's top_k per query: [(distance, source, row)], nq lists."""
@@ -202,8 +259,8 @@ def execute_search(
     for i, seg in enumerate(scope):
         vectors, valid_vectors = seg.vector_data(vector_field)
         mask = masks[i]
-        if compiled_filter is not None:
-            mask = mask & evaluate_segment_filter(seg, compiled_filter,
+        if segment_filter is not None:
+            mask = mask & evaluate_segment_filter(seg, segment_filter,
                                                   indexed_filter_plan).astype(bool)
         if valid_vectors is not None:
             mask = mask & valid_vectors
