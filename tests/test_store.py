@@ -197,3 +197,47 @@ def test_attribute_counts_keep_predictions_apart_from_labels(store):
     assert "Teal" not in counts.own["colour"] and counts.own["colour"]["Red"] == 1
     assert counts.own["material"] == {"cotton": 6}
     assert store.attribute_counts(max_values=1).predicted == {"colour": {"Teal": 3}}
+
+
+def test_a_search_deeper_than_ef_raises_ef_to_its_depth(tmp_path):
+    """An HNSW index's `ef` is the candidate list its search keeps; below k it returns only part
+    of the true top k, and a Milvus server refuses it ("ef should be larger than k"). A search
+    deeper than the configured ef (a 200-candidate re-ranking pool against ef 128) asks for
+    ef = k; shallower ones, and other index types, keep the configured params."""
+    def params(index_type: str, search_params: dict, k: int) -> dict:
+        return ProductStore(MilvusSettings(uri=str(tmp_path / "x.db"), index_type=index_type,
+                                           search_params=search_params))._search_params(k)
+
+    assert params("HNSW_SQ", {"ef": 128}, 200) == {"ef": 200}
+    assert params("HNSW", {"ef": 128}, 10) == {"ef": 128}
+    assert params("IVF_FLAT", {"nprobe": 16}, 200) == {"nprobe": 16}
+
+    settings = MilvusSettings(uri=str(tmp_path / "m.db"), collection="test", index_type="HNSW",
+                              index_params={"M": 8, "efConstruction": 40},
+                              search_params={"ef": 8})
+    store = ProductStore(settings)
+    store.ensure_collection(32, TEXT_DIM)
+    vectors = _vectors(4000, 32, 1)
+    store.upsert([Product(id=f"p{i}", title=f"Product {i}") for i in range(4000)], vectors,
+                 _vectors(4000, TEXT_DIM, 2))
+    store.flush()
+    _wait_for_vector_index(store, "image_vector")
+    queries = _vectors(10, 32, 3)
+    exact = np.argsort(-(queries @ vectors.T), axis=1)[:, :100]
+    found = [{int(h.product.id[1:]) for h in store.search(q, "image", 100)} for q in queries]
+    recall = np.mean([len(f & set(e.tolist())) / 100 for f, e in zip(found, exact, strict=True)])
+    assert recall >= 0.9, recall  # with ef 8 for a top 100: 0.46
+    store.close()
+
+
+def _wait_for_vector_index(store: ProductStore, field: str, timeout: float = 120) -> None:
+    """Until Milvus Lite's background thread has built `field`'s index on every segment (it
+    answers by brute force meanwhile, which would hide what the index does)."""
+    import time
+
+    collection = store._direct._collection(store.collection)
+    deadline = time.monotonic() + timeout
+    while not (segments := collection._segments_snapshot()) or not all(
+            field in s.indexes for s in segments):
+        assert time.monotonic() < deadline, "the vector index was not built"
+        time.sleep(0.2)

@@ -376,13 +376,24 @@ class ProductStore:
         vectors = np.asarray(vectors, dtype=np.float32)
         if engine := self._engine():
             return engine.search(self.collection, vectors, field, k, expr, output_fields,
-                                 self.settings.metric, self.settings.search_params)
+                                 self.settings.metric, self._search_params(k))
         return self._client.search(
             self.collection, data=vectors.tolist(), anns_field=field, limit=k, filter=expr,
             output_fields=list(output_fields),
             search_params={"metric_type": self.settings.metric,
-                           "params": self.settings.search_params}, **self._read,
+                           "params": self._search_params(k)}, **self._read,
         )
+
+    def _search_params(self, k: int) -> dict[str, Any]:
+        """The configured search params for a search `k` deep, with an HNSW index's `ef` (the
+        candidate list its search keeps) raised to at least k. Below k, HNSW returns only part
+        of the true top k (benchmarks/RESULTS.md, "ef below k"), and a Milvus server refuses
+        such a search outright ("ef(128) should be larger than k(200)", milvus-io/knowhere#929),
+        which a 200-candidate re-ranking pool is."""
+        params = dict(self.settings.search_params)
+        if "HNSW" in self.settings.index_type.upper() and "ef" in params:
+            params["ef"] = max(int(params["ef"]), k)
+        return params
 
     def _hybrid_rows(self, routes: Sequence[tuple[np.ndarray, str, int, str]],
                      ranker: RRFRanker | WeightedRanker, k: int,
@@ -390,12 +401,14 @@ class ProductStore:
         """pymilvus-shaped fused hits of one hybrid search: each route (vector (dim,) float32,
         field, depth, filter) searched and fused by `ranker`, from the embedded engine when
         there is one, else through the client."""
-        params = self.settings.search_params
         if engine := self._engine():
+            deepest = max((depth for _, _, depth, _ in routes), default=k)
             return engine.hybrid_search(self.collection, routes, ranker.dict(), k,
-                                        output_fields, self.settings.metric, params)
+                                        output_fields, self.settings.metric,
+                                        self._search_params(deepest))
         requests = [AnnSearchRequest([np.asarray(v, np.float32).tolist()], field,
-                                     {"metric_type": self.settings.metric, "params": params},
+                                     {"metric_type": self.settings.metric,
+                                      "params": self._search_params(depth)},
                                      depth, filter=expr or None)
                     for v, field, depth, expr in routes]
         return self._client.hybrid_search(self.collection, requests, ranker, limit=k,
