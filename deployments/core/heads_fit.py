@@ -48,7 +48,6 @@ class FitOptions:
     threads: int = 2
 
 
-# -- fitting -------------------------------------------------------------------------------
 def fit_heads(image: np.ndarray, text: np.ndarray, colour: np.ndarray,
               labels: dict[str, list[str]], has_text: np.ndarray,
               image_model: str, text_model: str, options: FitOptions = FitOptions(),
