@@ -285,19 +285,21 @@ def _read_export(path: Path | None) -> dict[str, Any] | None:
 
 def _exported(path: Path, export: Callable[[Path], None], meta: dict[str, Any]) -> Path:
     """`path`, written by `export(tmp_path)` first if it is missing, with `meta` beside it as
-    JSON (each written under a temporary name, then renamed, so replicas starting together
-    never read a half-written file; the JSON last, so its presence means both are whole)."""
+    JSON (the JSON last, so its presence means both are whole)."""
     if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".{os.getpid()}.tmp")
-        export(tmp)
-        tmp.replace(path)
-    sidecar = path.with_suffix(".json")
+        _write_atomically(path, export)
     if _read_export(path) != meta:
-        tmp = path.with_suffix(f".{os.getpid()}.json.tmp")
-        tmp.write_text(json.dumps(meta))
-        tmp.replace(sidecar)
+        _write_atomically(path.with_suffix(".json"), lambda tmp: tmp.write_text(json.dumps(meta)))
     return path
+
+
+def _write_atomically(path: Path, write: Callable[[Path], None]) -> None:
+    """`write(tmp)` to a temporary name of this process beside `path`, then rename it to
+    `path`, so encoder replicas starting together never read a half-written file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.stem}.{os.getpid()}{path.suffix}.tmp")
+    write(tmp)
+    tmp.replace(path)
 
 
 def onnx_cpu_session(path: Path, threads: int):
@@ -432,10 +434,7 @@ class TextEncoder:
             target = Path(self.settings.cache_dir) / f"text-{_weights_digest(model)}.onnx"
         tokenizer = target.with_suffix(".tokenizer")
         if not tokenizer.exists():
-            target.parent.mkdir(parents=True, exist_ok=True)
-            tmp = target.with_suffix(f".{os.getpid()}.tokenizer.tmp")
-            self.tokenizer.backend.save(str(tmp))
-            tmp.replace(tokenizer)
+            _write_atomically(tokenizer, lambda tmp: self.tokenizer.backend.save(str(tmp)))
         return _exported(target, export, {"dim": self.dim, "inputs": self.tokenizer.inputs,
                                           "pad_id": self.tokenizer.pad_id})
 
