@@ -13,6 +13,7 @@ import hashlib
 import json
 from pathlib import Path
 
+from deployments.core.files import write_atomically
 from deployments.core.heads import current_version, heads_folder, model_ids
 from deployments.core.settings import AppSettings
 
@@ -53,8 +54,5 @@ def is_current(settings: AppSettings, fingerprints: dict[str, str]) -> bool:
 
 def record(settings: AppSettings, fingerprints: dict[str, str], version: str) -> None:
     """Note that heads `version` was fitted on these stored rows (read before the fit)."""
-    folder = _folder(settings)
-    folder.mkdir(parents=True, exist_ok=True)
-    tmp = folder / f".{MARKER}.tmp"
-    tmp.write_text(json.dumps({"version": version, "key": fit_key(settings, fingerprints)}))
-    tmp.replace(folder / MARKER)
+    write_atomically(_folder(settings) / MARKER,
+                     json.dumps({"version": version, "key": fit_key(settings, fingerprints)}))

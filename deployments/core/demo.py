@@ -8,11 +8,14 @@ usage, price, image), deterministically, so tests and the demo see the same prod
 from __future__ import annotations
 
 import csv
+import io
 import random
 from collections.abc import Callable
 from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFilter
+
+from deployments.core.files import write_atomically
 
 Draw = Callable[[ImageDraw.ImageDraw, tuple[int, int, int], float, float, float], None]
 
@@ -162,10 +165,8 @@ def generate_demo_catalog(out_dir: str | Path, n: int = 240, seed: int = 7) -> P
     for i, row in enumerate(rows):
         image = draw_product(row["article_type"], row["colour"], row["pattern"], seed * 100003 + i)
         image.save(out / row["image"], "JPEG", quality=90)
-    tmp = csv_path.with_suffix(".tmp")
-    with tmp.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else ["id"])
-        writer.writeheader()
-        writer.writerows(rows)
-    tmp.replace(csv_path)
-    return csv_path
+    table = io.StringIO(newline="")
+    writer = csv.DictWriter(table, fieldnames=list(rows[0]) if rows else ["id"])
+    writer.writeheader()
+    writer.writerows(rows)
+    return write_atomically(csv_path, table.getvalue())

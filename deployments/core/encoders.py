@@ -31,6 +31,7 @@ import numpy as np
 from PIL import Image
 
 from deployments.core.colour import colour_descriptor
+from deployments.core.files import write_atomically
 from deployments.core.images import (  # callers import these here too
     ImagePreprocessor,
     decode_image,
@@ -287,19 +288,10 @@ def _exported(path: Path, export: Callable[[Path], None], meta: dict[str, Any]) 
     """`path`, written by `export(tmp_path)` first if it is missing, with `meta` beside it as
     JSON (the JSON last, so its presence means both are whole)."""
     if not path.exists():
-        _write_atomically(path, export)
+        write_atomically(path, export)
     if _read_export(path) != meta:
-        _write_atomically(path.with_suffix(".json"), lambda tmp: tmp.write_text(json.dumps(meta)))
+        write_atomically(path.with_suffix(".json"), json.dumps(meta))
     return path
-
-
-def _write_atomically(path: Path, write: Callable[[Path], None]) -> None:
-    """`write(tmp)` to a temporary name of this process beside `path`, then rename it to
-    `path`, so encoder replicas starting together never read a half-written file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.stem}.{os.getpid()}{path.suffix}.tmp")
-    write(tmp)
-    tmp.replace(path)
 
 
 def onnx_cpu_session(path: Path, threads: int):
@@ -434,7 +426,7 @@ class TextEncoder:
             target = Path(self.settings.cache_dir) / f"text-{_weights_digest(model)}.onnx"
         tokenizer = target.with_suffix(".tokenizer")
         if not tokenizer.exists():
-            _write_atomically(tokenizer, lambda tmp: self.tokenizer.backend.save(str(tmp)))
+            write_atomically(tokenizer, lambda tmp: self.tokenizer.backend.save(str(tmp)))
         return _exported(target, export, {"dim": self.dim, "inputs": self.tokenizer.inputs,
                                           "pad_id": self.tokenizer.pad_id})
 

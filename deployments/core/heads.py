@@ -24,8 +24,8 @@ vocabularies, fit date, version, validation figures) in one folder per collectio
 
 from __future__ import annotations
 
+import io
 import json
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,6 +35,7 @@ import numpy as np
 
 from deployments.core.encoders import l2_normalise
 from deployments.core.errors import SearchError
+from deployments.core.files import write_atomically
 
 FORMAT = 1  # the artifact layout; a reader refuses any other
 CURRENT = "current.json"
@@ -173,11 +174,11 @@ class Heads:
             if head.neighbour_labels is not None:
                 arrays[f"n:{name}"] = head.neighbour_labels
         stem = folder / f"heads-{self.version}"
-        with open(f"{stem}.npz.tmp", "wb") as out:
-            np.savez(out, **arrays)
-        os.replace(f"{stem}.npz.tmp", f"{stem}.npz")
-        _write_json(Path(f"{stem}.json"), self.metadata())
-        _write_json(folder / CURRENT, {"version": self.version})
+        npz = io.BytesIO()
+        np.savez(npz, **arrays)
+        write_atomically(f"{stem}.npz", npz.getvalue())
+        write_atomically(f"{stem}.json", json.dumps(self.metadata(), indent=2))
+        write_atomically(folder / CURRENT, json.dumps({"version": self.version}, indent=2))
         return Path(f"{stem}.json")
 
 
@@ -265,9 +266,3 @@ def label_votes(votes: np.ndarray, labels: np.ndarray, classes: int) -> np.ndarr
     p = votes @ onehot
     total = p.sum(axis=1, keepdims=True)
     return np.where(total > 0, p / np.maximum(total, 1e-12), 1.0 / classes)
-
-
-def _write_json(path: Path, data: dict[str, Any]) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2))
-    os.replace(tmp, path)

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 from deployments.core.errors import NotFound
+from deployments.core.files import write_atomically
 from deployments.core.images import EXTENSIONS, sniff_content_type
 
 
@@ -22,10 +22,7 @@ class MediaStore:
         ref = f"{digest[:2]}/{digest}{ext}"
         path = self.root / ref
         if not path.exists():
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-            tmp.write_bytes(data)
-            tmp.replace(path)
+            write_atomically(path, data)
         return ref
 
     def get(self, ref: str) -> tuple[bytes, str]:
