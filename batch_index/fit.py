@@ -31,7 +31,7 @@ def fit_options(heads: HeadSettings) -> FitOptions:
     return FitOptions(fields=tuple(heads.fields), min_field_products=heads.min_field_products,
                       min_class_products=heads.min_class_products,
                       validation_share=heads.validation_share, align_epochs=heads.align_epochs,
-                      threads=heads.threads)
+                      refit=heads.refit, threads=heads.threads)
 
 
 def has_text(data: dict[str, Any]) -> np.ndarray:

@@ -224,6 +224,42 @@ def test_colour_neighbours_vote_beside_the_head_when_the_held_out_split_says_so(
     np.testing.assert_allclose(blind, alone)
 
 
+def test_refit_learns_a_value_from_the_held_out_products_too():
+    """A colour labelled on exactly `min_class_products` products, some of them in the fit's
+    held-out split: the first fit (which the artifact's figures describe) cannot predict it;
+    the refit on every labelled product does, for unseen photos of that colour."""
+    rng = np.random.default_rng(1)
+    names = ["Red", "Blue", "Green", "Black", "Teal"]
+    counts = [80, 80, 80, 80, 20]  # Teal: 20 labelled products, the class minimum below
+
+    def draw(per_class: list[int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        y = np.repeat(np.arange(len(names)), per_class)
+        image = np.eye(len(names), 32, dtype=np.float32)[y] + 0.1 * rng.standard_normal(
+            (len(y), 32)).astype(np.float32)
+        colour = rng.random((len(y), 54)).astype(np.float32)
+        return y, image, colour / np.linalg.norm(colour, axis=1, keepdims=True)
+
+    y, image, colour = draw(counts)
+    labels = {"colour": [names[i] for i in y]}
+    fitted = {refit: fit_heads(image, np.zeros((len(y), 8), np.float32), colour, labels,
+                               np.zeros(len(y), bool), *IDS,
+                               FitOptions(fields=("colour",), min_class_products=20,
+                                          refit=refit))
+              for refit in (False, True)}
+    first, refitted = fitted[False].attributes["colour"], fitted[True].attributes["colour"]
+    assert "Teal" not in first.labels  # premise: some Teal products were held out
+    assert refitted.labels == sorted(names)
+    validation = fitted[True].validation
+    assert validation["refit"] and validation["colour"]["classes"] == 4  # the first fit's
+    assert validation["colour"]["refit_classes"] == 5
+    assert validation["colour"]["refit_products"] == len(y)
+    _, teal_image, teal_colour = draw([0, 0, 0, 0, 10])  # unseen Teal photos
+    for refit, floor in ((False, 0.0), (True, 0.8)):
+        predicted = fitted[refit].predict(teal_image, teal_colour)
+        share = np.mean([next(iter(p["colour"])) == "Teal" for p in predicted])
+        assert share >= floor if refit else share == 0.0, (refit, share)
+
+
 def test_neighbour_votes_sum_to_one_over_the_k_nearest():
     neighbours = np.eye(5, 3, dtype=np.float32)[[0, 0, 1, 2, 1]]
     votes = neighbour_weights(np.array([[1, 0, 0]], np.float32), neighbours, k=3,

@@ -225,6 +225,8 @@ class HeadSettings(BaseModel):
     min_field_products: int = Field(50, ge=2, description="labelled products a field needs")
     min_class_products: int = Field(5, ge=1, description="rarer values are not predicted")
     validation_share: float = Field(0.2, gt=0, lt=1)
+    refit: bool = Field(True, description="after the held-out figures, fit the attribute heads "
+                        "again on every labelled product (heads_fit.FitOptions.refit)")
     align_epochs: int = Field(30, ge=1, description="epochs cycle through titles and label "
                               "sentences")
     fit_cpus: float = Field(1, gt=0, description="CPUs the fit's Ray task reserves")
