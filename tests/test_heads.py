@@ -23,7 +23,7 @@ from deployments.core.heads import (
     load_heads,
     neighbour_weights,
 )
-from deployments.core.heads_fit import FitOptions, fit_heads
+from deployments.core.heads_fit import FitOptions, fit_heads, standardisation
 from deployments.core.images import decode_image
 from deployments.core.learned import (
     found_by,
@@ -258,6 +258,16 @@ def test_refit_learns_a_value_from_the_held_out_products_too():
         predicted = fitted[refit].predict(teal_image, teal_colour)
         share = np.mean([next(iter(p["colour"])) == "Teal" for p in predicted])
         assert share >= floor if refit else share == 0.0, (refit, share)
+
+
+def test_a_feature_constant_on_the_fitted_products_is_centred_not_blown_up():
+    """An unused colour-histogram bin (0 on every fitted product) must not turn a photo that
+    does use it into a feature of ~1e6 (std floored at 1e-6 did, and swung predictions)."""
+    fitted = np.array([[1.0, 0.0], [3.0, 0.0], [5.0, 0.0]], np.float32)
+    mean, std = standardisation(fitted)
+    np.testing.assert_allclose(mean, [3.0, 0.0])
+    np.testing.assert_allclose(std, [np.std([1.0, 3.0, 5.0]), 1.0], rtol=1e-6)
+    assert np.abs((np.array([2.0, 0.4], np.float32) - mean) / std).max() < 1
 
 
 def test_neighbour_votes_sum_to_one_over_the_k_nearest():

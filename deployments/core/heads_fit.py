@@ -79,9 +79,9 @@ def fit_heads(image: np.ndarray, text: np.ndarray, colour: np.ndarray,
         rng = np.random.default_rng(options.seed)
         valid = np.zeros(n, dtype=bool)
         valid[rng.permutation(n)[: int(round(n * options.validation_share))]] = True
-        x = np.concatenate([image, colour], axis=1)
-        mean, std = x[~valid].mean(axis=0), x[~valid].std(axis=0) + 1e-6
-        x = (x - mean) / std
+        features = np.concatenate([image, colour], axis=1)
+        mean, std = standardisation(features[~valid])
+        x = (features - mean) / std
         validation: dict[str, Any] = {"products": int(n), "held_out": int(valid.sum())}
         projection = None
         pairs = np.asarray(has_text, bool)
@@ -96,13 +96,17 @@ def fit_heads(image: np.ndarray, text: np.ndarray, colour: np.ndarray,
         votes = neighbour_weights(colour[valid], colour[~valid], options.neighbours,
                                   options.neighbour_temperature)
         heads: dict[str, AttributeHead] = {}
+        values = {name: np.asarray(labels.get(name, [""] * n), dtype=object)
+                  for name in options.fields}
         for name in options.fields:
-            values = np.asarray(labels.get(name, [""] * n), dtype=object)
-            fitted = _fit_attribute(x, values, valid, votes, options)
+            fitted = _fit_attribute(x, values[name], valid, votes, options)
             if fitted is not None:
                 heads[name], validation[name] = fitted
-                if options.refit:
-                    validation[name].update(_refit_attribute(heads[name], x, values, options))
+        if options.refit:  # every product now: standardisation and heads
+            mean, std = standardisation(features)
+            x = (features - mean) / std
+            for name, head in heads.items():
+                validation[name].update(_refit_attribute(head, x, values[name], options))
         validation["refit"] = options.refit
         validation["fit_s"] = round(time.perf_counter() - start, 2)
     finally:
@@ -236,6 +240,15 @@ def _fit_attribute(x: np.ndarray, values: np.ndarray, valid: np.ndarray, votes: 
                         "temperature": round(head.temperature, 4),
                         "neighbour_share": head.share})
     return head, figures
+
+
+def standardisation(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-feature mean and scale of (n, d) float32 rows: (d,) float32 each. A feature
+    (near-)constant on these rows gets scale 1, as scikit-learn's StandardScaler does: dividing
+    by a vanishing spread would blow any other photo's value of it up to ~1e6 (the demo
+    catalogue's unused colour-histogram bins did, and took fits off course)."""
+    mean, std = features.mean(axis=0), features.std(axis=0)
+    return mean, np.where(std < 10 * np.finfo(np.float32).eps, 1.0, std).astype(np.float32)
 
 
 def _refit_attribute(head: AttributeHead, x: np.ndarray, values: np.ndarray,
