@@ -11,7 +11,9 @@ and their latencies are then timed in alternating rounds, so every size is measu
 same load of this shared machine (a ratio of latencies measured minutes apart is not one).
 Each round also times the same queries through Milvus Lite's gRPC server (the reads before
 deployments.core.lite_reads), on the same engine, and, on the direct reads, filtered to one
-category of four and excluding one product (the searches that hand the indexes a row mask).
+category of four, excluding one product, and narrowed to a price band holding 0.5% of the
+products, with its recall@10 against exact search among those (the searches that hand the
+indexes a row mask).
 Memory is the RSS of each size's process once built, which runs the embedded store: Python,
 numpy, pymilvus, the Milvus Lite engine (segments' columns, vector indexes, memtable) and the
 7,036 seed vectors; no encoder models are loaded.
@@ -30,6 +32,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import psutil
@@ -47,7 +50,15 @@ from deployments.core.store import ProductStore, filter_expression
 # Products are spread over four categories; the filtered searches keep one (a quarter of them).
 CATEGORIES = ("Apparel", "Footwear", "Accessories", "Personal Care")
 ONE_CATEGORY = filter_expression(Filters(category=[CATEGORIES[0]]))
-VARIANTS = ("filtered", "excluding", "filtered_engine", "excluding_engine")
+# Prices 0.00-199.99, each cent once per 20,000 products; the narrow filter keeps 0.5% of them.
+NARROW = filter_expression(Filters(price_min=10.0, price_max=10.99))
+VARIANTS = ("filtered", "excluding", "narrow", "filtered_engine", "excluding_engine",
+            "narrow_engine")
+
+
+def price(i: int) -> float:
+    """Product i's price: (i x 7919) mod 20000 cents, a permutation of each 20,000 ids."""
+    return (i * 7919) % 20000 / 100
 
 
 def seed_vectors(limit: int) -> tuple[np.ndarray, np.ndarray]:
@@ -115,7 +126,8 @@ def build(size: int, image_seeds: np.ndarray, text_seeds: np.ndarray, queries: i
                                                                      np.ndarray, dict]:
     """Fill a fresh store with `size` products and wait until every segment is indexed
     (`engine_search`: Milvus Lite's own per-row search path, for comparison). Returns the store,
-    the (queries, 1280) probe vectors, their exact top 10 row numbers and the build figures."""
+    the (queries, 1280) probe vectors, their exact top 10 row numbers overall and among the
+    products NARROW keeps, and the build figures."""
     rng = np.random.default_rng(size)
     settings = load_settings()
     # A long read timeout: this measures latency; during an index build searches take seconds.
@@ -127,15 +139,19 @@ def build(size: int, image_seeds: np.ndarray, text_seeds: np.ndarray, queries: i
     store.ensure_collection(image_seeds.shape[1], text_seeds.shape[1])
     probe = blend(image_seeds, queries, np.random.default_rng(size + 1))
     exact = (np.full((queries, 10), -np.inf, np.float32), np.zeros((queries, 10), np.int64))
+    exact_narrow = exact
     start = time.perf_counter()
     for lo in range(0, size, batch):
         n = min(batch, size - lo)
         image = blend(image_seeds, n, rng)
-        exact = running_top(exact, probe @ image.T, lo)
-        products = [Product(id=f"p{lo + i}", title=f"Product {lo + i}",
+        scores = probe @ image.T
+        exact = running_top(exact, scores, lo)
+        kept = np.array([10.0 <= price(lo + i) <= 10.99 for i in range(n)])
+        exact_narrow = running_top(exact_narrow, np.where(kept, scores, -np.inf), lo)
+        products = [Product(id=f"p{lo + i}", title=f"Product {lo + i}", price=price(lo + i),
                             category=CATEGORIES[(lo + i) % len(CATEGORIES)]) for i in range(n)]
         store.upsert(products, image, blend(text_seeds, n, rng))
-    del image
+    del image, scores
     store.flush()
     insert_s = time.perf_counter() - start
     start = time.perf_counter()
@@ -158,7 +174,7 @@ def build(size: int, image_seeds: np.ndarray, text_seeds: np.ndarray, queries: i
     figures = {"size": size, "insert_s": insert_s, "index_settle_s": settle_s,
                "process_rss_mb": rss, "segments": engine_segments()[0], "work": work,
                "rss_after_release_mb": tree_rss_mb(), "release_ms": release_ms}
-    return store, probe, exact[1], figures
+    return store, probe, exact[1], exact_narrow[1], figures
 
 
 def timed_queries(store: ProductStore, probe: np.ndarray,
@@ -174,31 +190,40 @@ def timed_queries(store: ProductStore, probe: np.ndarray,
     return latencies, float(np.mean(recalls))
 
 
-def timed_variants(store: ProductStore, probe: np.ndarray,
-                   truth: np.ndarray) -> dict[str, list[float]]:
-    """Latencies (ms) of the probes searched with a filter (one category of four) and with
-    one product excluded (its exact nearest, as "more like this" excludes the product itself):
-    both hand the segment indexes a mask of the rows allowed. Each is timed as shipped
-    (`lite_search.index_search`: the mask as a bitmap) and, keys ending `_engine`, with the
-    mask handed to the indexes as Milvus Lite's own search does (a set of row ids)."""
+def timed_variants(store: ProductStore, probe: np.ndarray, truth: np.ndarray,
+                   narrow_truth: np.ndarray) -> dict[str, Any]:
+    """Latencies (ms) of the probes searched with a filter (one category of four), with
+    one product excluded (its exact nearest, as "more like this" excludes the product itself)
+    and narrowed to NARROW's price band: each hands the segment indexes a mask of the rows
+    allowed. Each is timed as shipped (`lite_search.index_search`: the mask as a bitmap, and
+    a narrow one scanned) and, keys ending `_engine`, with the mask handed to the indexes as
+    Milvus Lite's own search does (a set of row ids, always the graph walk). Also
+    `narrow_recall` and `narrow_engine_recall`: recall@10 of the narrow searches against the
+    exact top 10 among the products the band keeps (`narrow_truth`)."""
     shipped = lite_search.index_search
 
     def engine(index, queries, top_k, mask, params):
         return index.search(queries, top_k, valid_mask=mask, params=params)
 
-    timings: dict[str, list[float]] = {}
+    timings: dict[str, Any] = {}
     for suffix, index_search in (("", shipped), ("_engine", engine)):
         lite_search.index_search = index_search
+        recalls = []
         try:
-            for q, exact in zip(probe, truth, strict=True):
+            for q, exact, narrow in zip(probe, truth, narrow_truth, strict=True):
                 for name, kwargs in (("filtered", {"filter": ONE_CATEGORY}),
-                                     ("excluding", {"exclude_ids": [f"p{int(exact[0])}"]})):
+                                     ("excluding", {"exclude_ids": [f"p{int(exact[0])}"]}),
+                                     ("narrow", {"filter": NARROW})):
                     t = time.perf_counter()
-                    store.search(q, "image", 10, **kwargs)
+                    hits = store.search(q, "image", 10, **kwargs)
                     timings.setdefault(name + suffix, []).append(
                         (time.perf_counter() - t) * 1000)
+                    if name == "narrow":
+                        recalls.append(len({int(h.product.id[1:]) for h in hits}
+                                           & set(narrow.tolist())) / 10)
         finally:
             lite_search.index_search = shipped
+        timings[f"narrow{suffix}_recall"] = float(np.mean(recalls))
     return timings
 
 
@@ -207,8 +232,8 @@ def serve_size(size: int, image_seeds: np.ndarray, text_seeds: np.ndarray, queri
     """A child process: build one size, print its figures, then answer "measure" lines on
     stdin with one round of timed queries each (so the parent can time every size side by
     side, alternating, once all are built) until "quit"."""
-    store, probe, truth, figures = build(size, image_seeds, text_seeds, queries,
-                                         engine_search=engine_search)
+    store, probe, truth, narrow_truth, figures = build(size, image_seeds, text_seeds, queries,
+                                                       engine_search=engine_search)
     print("BUILT " + json.dumps(figures), flush=True)
     # The same engine read through its gRPC server (as before deployments.core.lite_reads),
     # timed in the same rounds.
@@ -224,7 +249,8 @@ def serve_size(size: int, image_seeds: np.ndarray, text_seeds: np.ndarray, queri
         grpc_latencies, _ = timed_queries(grpc_store, probe, truth)
         print("ROUND " + json.dumps({"latencies": latencies, "recall": recall,
                                      "grpc_latencies": grpc_latencies,
-                                     **timed_variants(store, probe, truth)}), flush=True)
+                                     **timed_variants(store, probe, truth, narrow_truth)}),
+              flush=True)
     store.close()
     shutil.rmtree(figures["work"], ignore_errors=True)
 
@@ -259,7 +285,7 @@ def measure_side_by_side(sizes: list[int], args: argparse.Namespace) -> list[dic
                   f"{figures['release_ms']:.0f} ms), {figures['segments']} segments",
                   flush=True)
             child.figures, child.latencies, child.recalls = figures, [], []
-            child.grpc_latencies, child.variants = [], {}
+            child.grpc_latencies, child.variants, child.narrow_recalls = [], {}, {}
         for _ in range(args.rounds):
             for child in children:
                 child.stdin.write("measure\n")
@@ -269,6 +295,8 @@ def measure_side_by_side(sizes: list[int], args: argparse.Namespace) -> list[dic
                 child.grpc_latencies += round_["grpc_latencies"]
                 for name in VARIANTS:
                     child.variants.setdefault(name, []).extend(round_[name])
+                for name in ("narrow_recall", "narrow_engine_recall"):
+                    child.narrow_recalls.setdefault(name, []).append(round_[name])
                 child.recalls.append(round_["recall"])
     finally:
         for child in children:
@@ -282,6 +310,7 @@ def measure_side_by_side(sizes: list[int], args: argparse.Namespace) -> list[dic
              "grpc_p50_ms": float(np.percentile(c.grpc_latencies, 50)),
              **{f"{name}_p50_ms": float(np.percentile(c.variants[name], 50))
                 for name in VARIANTS},
+             **{name: float(np.mean(v)) for name, v in c.narrow_recalls.items()},
              "recall_at_10": float(np.mean(c.recalls))} for c in children]
 
 
@@ -315,8 +344,10 @@ def main() -> None:
               f"Lite's gRPC server: p50 {r['grpc_p50_ms']:.1f} ms; filtered to one category "
               f"of four: p50 {r['filtered_p50_ms']:.1f} ms (masks as Lite hands them to its "
               f"indexes: {r['filtered_engine_p50_ms']:.1f} ms); excluding one product: p50 "
-              f"{r['excluding_p50_ms']:.1f} ms ({r['excluding_engine_p50_ms']:.1f} ms)",
-              flush=True)
+              f"{r['excluding_p50_ms']:.1f} ms ({r['excluding_engine_p50_ms']:.1f} ms); "
+              f"narrowed to 0.5% by price: p50 {r['narrow_p50_ms']:.1f} ms, recall@10 "
+              f"{r['narrow_recall']:.3f} ({r['narrow_engine_p50_ms']:.1f} ms, "
+              f"{r['narrow_engine_recall']:.3f})", flush=True)
     growth = []
     for small, big in zip(results, results[1:], strict=False):
         added = big["size"] - small["size"]
@@ -325,6 +356,7 @@ def main() -> None:
                        "grpc_p50_ratio": big["grpc_p50_ms"] / small["grpc_p50_ms"],
                        "filtered_p50_ratio": big["filtered_p50_ms"] / small["filtered_p50_ms"],
                        "excluding_p50_ratio": big["excluding_p50_ms"] / small["excluding_p50_ms"],
+                       "narrow_p50_ratio": big["narrow_p50_ms"] / small["narrow_p50_ms"],
                        "rss_mb_per_100k": (big["process_rss_mb"] - small["process_rss_mb"])
                        / added * 100_000,
                        # what the search deployment holds once it has given freed memory back
@@ -334,7 +366,8 @@ def main() -> None:
         g = growth[-1]
         print(f"x{big['size'] / small['size']:.0f} vectors: p50 x{g['p50_ratio']:.2f} (through "
               f"gRPC x{g['grpc_p50_ratio']:.2f}; filtered x{g['filtered_p50_ratio']:.2f}, "
-              f"excluding one x{g['excluding_p50_ratio']:.2f}), insert "
+              f"excluding one x{g['excluding_p50_ratio']:.2f}, narrow "
+              f"x{g['narrow_p50_ratio']:.2f}), insert "
               f"x{big['insert_s'] / small['insert_s']:.1f}, memory "
               f"{g['rss_mb_per_100k'] / 1024:.2f} GB per 100k added products as built, "
               f"{g['released_rss_mb_per_100k'] / 1024:.2f} GB once freed memory is given back "

@@ -307,6 +307,12 @@ def index_search(index: Any, queries: np.ndarray, top_k: int, mask: np.ndarray |
     unfiltered one at 300k products (benchmarks/RESULTS.md, "Filtered searches at scale"). The
     same rows as faiss's IDSelectorBitmap (the mask's bits, 0.02 ms) select the same hits.
     Other index types, and searches without a mask, go to the index's own search.
+
+    A narrow mask on an HNSW index is searched exhaustively over the allowed rows (the index's
+    own stored vectors or SQ8 codes, through the same bitmap), as a Milvus server's knowhere
+    does (`_exhaustive`): a graph walk that may only return a few of the rows it visits ends
+    before it finds them (100k-row HNSW_SQ segment, ef 128: recall@10 0.31 with 0.2% of the
+    rows allowed, 0.62 with 1%, 0.81 with 5%; exhaustive 0.99).
     ValueError when the mask's length is not the index's row count (as the engine raises)."""
     parameters = _faiss_parameters(index, params or {}) if mask is not None else None
     if mask is None or parameters is None:
@@ -325,9 +331,13 @@ def index_search(index: Any, queries: np.ndarray, top_k: int, mask: np.ndarray |
         norms = np.linalg.norm(queries, axis=1, keepdims=True)
         queries = queries / np.where(norms == 0, 1.0, norms)
     parameters_class, options = parameters
+    searched = index._index
+    if _exhaustive(searched, int(mask.sum()), top_k):
+        searched, parameters_class, options = (faiss.downcast_index(searched.storage),
+                                               faiss.SearchParameters, {})
     selector = faiss.IDSelectorBitmap(np.packbits(mask, bitorder="little"))  # holds its bits
-    dists, ids = index._index.search(np.ascontiguousarray(queries, dtype=np.float32), top_k,
-                                     params=parameters_class(sel=selector, **options))
+    dists, ids = searched.search(np.ascontiguousarray(queries, dtype=np.float32), top_k,
+                                 params=parameters_class(sel=selector, **options))
     # faiss pads with id -1 and sometimes FLT_MAX; the engine turns faiss's distances into its
     # own (see milvus_lite.index.faiss_hnsw: L2 -> sqrt, IP -> -dot, COSINE -> 1 - dot).
     kept = (ids >= 0) & (dists < 1e30)
@@ -336,6 +346,24 @@ def index_search(index: Any, queries: np.ndarray, top_k: int, mask: np.ndarray |
                  "COSINE": lambda d: 1.0 - d}.get(index.metric, lambda d: d)(raw)
     return (np.where(kept, ids, -1).astype(np.int64),
             np.where(kept, converted, np.inf).astype(np.float32))
+
+
+# knowhere's HNSW (the index of a Milvus server) searches every allowed row instead of the
+# graph when at least this share of the rows is filtered out, or when top_k is at least this
+# share of the rows left (src/index/hnsw: kHnswSearchKnnBFFilterThreshold,
+# kHnswSearchBFTopkThreshold).
+EXHAUSTIVE_FILTERED_SHARE = 0.93
+EXHAUSTIVE_TOP_K_SHARE = 0.5
+
+
+def _exhaustive(faiss_index: Any, allowed: int, top_k: int) -> bool:
+    """Whether a masked search of this faiss index should scan its allowed rows rather than
+    walk its graph: an HNSW index with a narrow mask (knowhere's rule, above)."""
+    if not hasattr(faiss_index, "hnsw"):
+        return False
+    total = int(faiss_index.ntotal)
+    return (total - allowed >= EXHAUSTIVE_FILTERED_SHARE * total
+            or top_k >= EXHAUSTIVE_TOP_K_SHARE * allowed)
 
 
 def _faiss_parameters(index: Any, params: dict[str, Any]) -> tuple[type, dict] | None:
