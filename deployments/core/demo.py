@@ -169,4 +169,4 @@ def generate_demo_catalog(out_dir: str | Path, n: int = 240, seed: int = 7) -> P
     writer = csv.DictWriter(table, fieldnames=list(rows[0]) if rows else ["id"])
     writer.writeheader()
     writer.writerows(rows)
-    return write_atomically(csv_path, table.getvalue())
+    return write_atomically(csv_path, table.getvalue().encode("utf-8"))  # csv's own \r\n
