@@ -251,6 +251,28 @@ def test_a_narrow_filter_finds_the_nearest_allowed_products():
     assert _recall(engine_ids, truth) < 0.8, _recall(engine_ids, truth)  # before: 0.39 here
 
 
+@pytest.mark.parametrize("index_type", ["HNSW", "HNSW_SQ"])
+def test_a_graph_walk_that_comes_back_short_is_answered_from_a_scan(index_type):
+    """7% of the rows allowed (just under the scan rule) and k 50: the graph walk returns as
+    few as 5-9 hits though 141 rows are allowed; the search answers with 50, the nearest."""
+    from milvus_lite.index.factory import build_index_from_spec
+    from milvus_lite.index.spec import IndexSpec
+
+    vectors, queries = _vectors(2000, 16, 31), _vectors(20, 16, 32)
+    spec = IndexSpec(field_name="image_vector", index_type=index_type, metric_type="COSINE",
+                     build_params={"M": 8, "efConstruction": 40})
+    index = build_index_from_spec(spec, vectors)
+    mask = np.zeros(2000, bool)
+    mask[np.random.default_rng(33).choice(2000, 141, replace=False)] = True
+    assert not lite_search._exhaustive(index._index, 141, 50)  # the graph walk is tried first
+    engine_ids, _ = index.search(queries, 50, valid_mask=mask, params={"ef": 16})
+    assert (engine_ids >= 0).sum(axis=1).min() < 50  # premise: the walk comes back short
+    ids, _ = lite_search.index_search(index, queries, 50, mask, {"ef": 16})
+    assert ((ids >= 0).sum(axis=1) == 50).all() and mask[ids].all()
+    exact_ids, _ = _exact(vectors, queries, mask, 50, "COSINE")
+    assert _recall(ids, exact_ids) >= (1.0 if index_type == "HNSW" else 0.95)
+
+
 def test_primary_key_terms_answer_as_the_engine_does(store):
     """`id in`, `id not in` and `not (id in ...)` terms (alone, with other clauses, nested in
     an AND) are answered from the snapshot's keys and keep exactly the engine's rows, with

@@ -312,7 +312,8 @@ def index_search(index: Any, queries: np.ndarray, top_k: int, mask: np.ndarray |
     own stored vectors or SQ8 codes, through the same bitmap), as a Milvus server's knowhere
     does (`_exhaustive`): a graph walk that may only return a few of the rows it visits ends
     before it finds them (100k-row HNSW_SQ segment, ef 128: recall@10 0.31 with 0.2% of the
-    rows allowed, 0.62 with 1%, 0.81 with 5%; exhaustive 0.99).
+    rows allowed, 0.62 with 1%, 0.81 with 5%; exhaustive 0.99). So is one whose graph walk
+    returned fewer than min(top_k, allowed rows) hits.
     ValueError when the mask's length is not the index's row count (as the engine raises)."""
     parameters = _faiss_parameters(index, params or {}) if mask is not None else None
     if mask is None or parameters is None:
@@ -331,13 +332,20 @@ def index_search(index: Any, queries: np.ndarray, top_k: int, mask: np.ndarray |
         norms = np.linalg.norm(queries, axis=1, keepdims=True)
         queries = queries / np.where(norms == 0, 1.0, norms)
     parameters_class, options = parameters
-    searched = index._index
-    if _exhaustive(searched, int(mask.sum()), top_k):
-        searched, parameters_class, options = (faiss.downcast_index(searched.storage),
-                                               faiss.SearchParameters, {})
+    graph, allowed = index._index, int(mask.sum())
+    queries = np.ascontiguousarray(queries, dtype=np.float32)
     selector = faiss.IDSelectorBitmap(np.packbits(mask, bitorder="little"))  # holds its bits
-    dists, ids = searched.search(np.ascontiguousarray(queries, dtype=np.float32), top_k,
-                                 params=parameters_class(sel=selector, **options))
+    scan = _exhaustive(graph, allowed, top_k)
+    if not scan:
+        dists, ids = graph.search(queries, top_k,
+                                  params=parameters_class(sel=selector, **options))
+        # A graph walk that came back with fewer hits than there are allowed rows stopped
+        # before it met them: answer those queries from a scan too.
+        scan = hasattr(graph, "hnsw") and bool(((ids >= 0).sum(axis=1) < min(top_k, allowed))
+                                               .any())
+    if scan:
+        dists, ids = faiss.downcast_index(graph.storage).search(
+            queries, top_k, params=faiss.SearchParameters(sel=selector))
     # faiss pads with id -1 and sometimes FLT_MAX; the engine turns faiss's distances into its
     # own (see milvus_lite.index.faiss_hnsw: L2 -> sqrt, IP -> -dot, COSINE -> 1 - dot).
     kept = (ids >= 0) & (dists < 1e30)
