@@ -122,8 +122,8 @@ def running_top(best: tuple[np.ndarray, np.ndarray], scores: np.ndarray, first: 
 
 
 def build(size: int, image_seeds: np.ndarray, text_seeds: np.ndarray, queries: int,
-          batch: int = 5000, engine_search: bool = False) -> tuple[ProductStore, np.ndarray,
-                                                                     np.ndarray, dict]:
+          batch: int = 5000, engine_search: bool = False
+          ) -> tuple[ProductStore, np.ndarray, np.ndarray, np.ndarray, dict]:
     """Fill a fresh store with `size` products and wait until every segment is indexed
     (`engine_search`: Milvus Lite's own per-row search path, for comparison). Returns the store,
     the (queries, 1280) probe vectors, their exact top 10 row numbers overall and among the
