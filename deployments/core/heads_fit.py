@@ -206,17 +206,12 @@ def _fit_attribute(x: np.ndarray, values: np.ndarray, valid: np.ndarray, votes: 
     share of the colour neighbours' vote (`votes`: held-out x fitted products, from
     `neighbour_weights`) is the one of `options.neighbour_shares` with the lowest held-out
     log-loss."""
-    labelled = values != ""
-    names, counts = np.unique(values[labelled & ~valid].astype(str), return_counts=True)
-    keep = names[counts >= options.min_class_products]
-    if len(keep) < 2 or labelled.sum() < options.min_field_products:
+    keep, y = _classes(values, ~valid, options.min_class_products)
+    if len(keep) < 2 or (values != "").sum() < options.min_field_products:
         return None
-    index = {v: i for i, v in enumerate(keep)}
-    y = np.array([index.get(v, -1) for v in values])
     train, held = np.flatnonzero((y >= 0) & ~valid), np.flatnonzero((y >= 0) & valid)
     weight, bias = _logistic(x[train], y[train], len(keep), options.l2)
-    head = AttributeHead([str(v) for v in keep], weight, bias,
-                         neighbour_labels=y[~valid].astype(np.int32))
+    head = AttributeHead(keep, weight, bias, neighbour_labels=y[~valid].astype(np.int32))
     figures: dict[str, Any] = {"classes": len(keep), "train": int(len(train)),
                                "held_out": int(len(held)),
                                "chance": round(float(np.max(np.bincount(y[train])) / len(train)),
@@ -257,15 +252,23 @@ def _refit_attribute(head: AttributeHead, x: np.ndarray, values: np.ndarray,
     `options.min_class_products` products: a superset of the first fit's), weights and
     neighbour labels (every product's label votes); temperature and share stay as the held-out
     split chose them. Returns the refit's class and product counts."""
-    labelled = values != ""
-    names, counts = np.unique(values[labelled].astype(str), return_counts=True)
-    head.labels = [str(v) for v in names[counts >= options.min_class_products]]
-    index = {v: i for i, v in enumerate(head.labels)}
-    y = np.array([index.get(str(v), -1) for v in values])
+    head.labels, y = _classes(values, np.ones(len(values), dtype=bool),
+                              options.min_class_products)
     rows = np.flatnonzero(y >= 0)
     head.weight, head.bias = _logistic(x[rows], y[rows], len(head.labels), options.l2)
     head.neighbour_labels = y.astype(np.int32)
     return {"refit_classes": len(head.labels), "refit_products": int(len(rows))}
+
+
+def _classes(values: np.ndarray, counted: np.ndarray,
+             minimum: int) -> tuple[list[str], np.ndarray]:
+    """A field's vocabulary: the values ("" = unlabelled) held by at least `minimum` of the
+    `counted` ((n,) bool) products, sorted; and per product its class index ((n,) int, -1 for
+    unlabelled or rarer values)."""
+    names, counts = np.unique(values[counted & (values != "")].astype(str), return_counts=True)
+    labels = [str(v) for v in names[counts >= minimum]]
+    index = {v: i for i, v in enumerate(labels)}
+    return labels, np.array([index.get(str(v), -1) for v in values])
 
 
 def _logistic(x: np.ndarray, y: np.ndarray, classes: int,
