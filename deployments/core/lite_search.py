@@ -327,22 +327,21 @@ def index_search(index: Any, queries: np.ndarray, top_k: int, mask: np.ndarray |
     if index.num_vectors == 0 or top_k <= 0 or not mask.any():
         return (np.full((nq, top_k), -1, dtype=np.int64),
                 np.full((nq, top_k), np.inf, dtype=np.float32))
-    queries = queries.astype(np.float32, copy=False)
+    queries = np.ascontiguousarray(queries, dtype=np.float32)
     if index.metric == "COSINE":  # the index holds unit vectors; inner product = cosine
         norms = np.linalg.norm(queries, axis=1, keepdims=True)
         queries = queries / np.where(norms == 0, 1.0, norms)
     parameters_class, options = parameters
     graph, allowed = index._index, int(mask.sum())
-    queries = np.ascontiguousarray(queries, dtype=np.float32)
+    hnsw = hasattr(graph, "hnsw")
     selector = faiss.IDSelectorBitmap(np.packbits(mask, bitorder="little"))  # holds its bits
-    scan = _exhaustive(graph, allowed, top_k)
+    scan = hnsw and _exhaustive(int(graph.ntotal), allowed, top_k)
     if not scan:
         dists, ids = graph.search(queries, top_k,
                                   params=parameters_class(sel=selector, **options))
         # A graph walk that came back with fewer hits than there are allowed rows stopped
         # before it met them: answer those queries from a scan too.
-        scan = hasattr(graph, "hnsw") and bool(((ids >= 0).sum(axis=1) < min(top_k, allowed))
-                                               .any())
+        scan = hnsw and bool(((ids >= 0).sum(axis=1) < min(top_k, allowed)).any())
     if scan:
         dists, ids = faiss.downcast_index(graph.storage).search(
             queries, top_k, params=faiss.SearchParameters(sel=selector))
@@ -364,12 +363,9 @@ EXHAUSTIVE_FILTERED_SHARE = 0.93
 EXHAUSTIVE_TOP_K_SHARE = 0.5
 
 
-def _exhaustive(faiss_index: Any, allowed: int, top_k: int) -> bool:
-    """Whether a masked search of this faiss index should scan its allowed rows rather than
-    walk its graph: an HNSW index with a narrow mask (knowhere's rule, above)."""
-    if not hasattr(faiss_index, "hnsw"):
-        return False
-    total = int(faiss_index.ntotal)
+def _exhaustive(total: int, allowed: int, top_k: int) -> bool:
+    """Whether a masked search of an HNSW index of `total` rows, `allowed` of them in the mask,
+    should scan those rows rather than walk its graph (knowhere's rule, above)."""
     return (total - allowed >= EXHAUSTIVE_FILTERED_SHARE * total
             or top_k >= EXHAUSTIVE_TOP_K_SHARE * allowed)
 
