@@ -12,7 +12,8 @@ same indexes, masks, merge and projection (tests/test_lite_search.py compares th
 
 The segments (at most 100k rows each in Lite) are searched side by side on a thread per CPU, as
 Milvus's query nodes do, rather than one after another: their faiss indexes release the GIL, so
-a 300k-product catalogue (3 segments) does not cost three segments' time per search.
+a 300k-product catalogue (3 segments) does not cost three segments' time per search. A filter
+is evaluated on each segment's own thread too (Arrow's kernels release the GIL as well).
 
 Two smaller per-row costs of the engine are cut the same way: its row-wise filter evaluator (JSON
 paths) gets only the columns an expression reads (`evaluate_python`), and whether a returned
@@ -240,9 +241,14 @@ def execute_search(
         if terms:
             masks = [m & k for m, k in zip(masks, _key_masks(snap, terms), strict=True)]
 
-    def recall(job: tuple[int, np.ndarray, np.ndarray, Any]) -> list[list[tuple]]:
-        """One source's top_k per query: [(distance, source, row)], nq lists."""
-        source, vectors, mask, index = job
+    def recall(job: tuple[int, np.ndarray, np.ndarray, Any, Any]) -> list[list[tuple]]:
+        """One source's top_k per query: [(distance, source, row)], nq lists. A segment's
+        filter is evaluated here, on the segment's own thread (Arrow's kernels release the
+        GIL), not one segment after another before the searches start."""
+        source, vectors, mask, index, segment = job
+        if segment is not None and segment_filter is not None:
+            mask = mask & evaluate_segment_filter(segment, segment_filter,
+                                                  indexed_filter_plan).astype(bool)
         if not mask.any():
             return [[] for _ in range(nq)]
         if index is None:
@@ -259,17 +265,14 @@ def execute_search(
     for i, seg in enumerate(scope):
         vectors, valid_vectors = seg.vector_data(vector_field)
         mask = masks[i]
-        if segment_filter is not None:
-            mask = mask & evaluate_segment_filter(seg, segment_filter,
-                                                  indexed_filter_plan).astype(bool)
         if valid_vectors is not None:
             mask = mask & valid_vectors
-        jobs.append((i, vectors, mask, seg.indexes.get(vector_field)))
+        jobs.append((i, vectors, mask, seg.indexes.get(vector_field), seg))
     if mt_pks:
         mt_mask = _memtable_mask(mt_pks, mt_seqs, snap, tombstones, mt_deletes)
         if compiled_filter is not None and mt_table is not None:
             mt_mask &= evaluate_mask(compiled_filter, mt_table).astype(bool)
-        jobs.append((len(scope), mt_vecs, mt_mask, None))
+        jobs.append((len(scope), mt_vecs, mt_mask, None, None))
     # Segments are searched side by side, as Milvus's query nodes do (Lite: one after another):
     # the vector indexes (faiss) release the GIL while they search.
     found = list(_pool().map(recall, jobs)) if len(jobs) > 1 else [recall(j) for j in jobs]
