@@ -43,7 +43,8 @@ def has_text(data: dict[str, Any]) -> np.ndarray:
 
 def fit_data(data: dict[str, Any], settings: AppSettings) -> Heads:
     """Fit heads on stored vectors and labels (a `ProductStore.vectors_and_labels` dict); the
-    configured text encoder embeds the label sentences the alignment also learns from."""
+    configured text encoder embeds the label sentences the alignment also learns from, and the
+    validation split keeps products sharing a photo together (`photo_groups`)."""
     from deployments.core.encoders import TextEncoder
 
     if not len(data["ids"]):
@@ -53,7 +54,14 @@ def fit_data(data: dict[str, Any], settings: AppSettings) -> Heads:
     encoder = TextEncoder(settings.text_model, num_threads=settings.heads.threads)
     return fit_heads(data["image"], data["text"], data["colour"], labels, has_text(data),
                      *model_ids(settings.image_model, settings.text_model),
-                     fit_options(settings.heads), encoder.embed)
+                     fit_options(settings.heads), encoder.embed, photo_groups(data))
+
+
+def photo_groups(data: dict[str, Any]) -> list[str]:
+    """Per product, the key its fit's validation split is drawn by: its photo's content hash,
+    so products sharing a photo are held out together (its id when no hash is stored)."""
+    return [h or f"id:{i}" for h, i in zip(data.get("image_hashes") or [""] * len(data["ids"]),
+                                           data["ids"], strict=True)]
 
 
 def run_fit(settings: AppSettings, search_handle=None, store=None) -> Heads | None:

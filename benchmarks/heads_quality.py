@@ -55,14 +55,16 @@ def split(groups: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray, np.nda
 
 def fit(catalogue, vectors: dict, members: np.ndarray):
     """Heads fitted on `members` only (their labels and text vectors; label sentences embedded
-    by the configured text encoder, as `batch_index fit` does)."""
+    by the configured text encoder, and the validation split drawn by photo group, as
+    `batch_index fit` does)."""
     from deployments.core.heads_fit import FitOptions, fit_heads
 
     options = FitOptions()
     labels = {f: [getattr(catalogue.products[i], f) for i in members] for f in options.fields}
     return fit_heads(vectors["image"][members], vectors["text"][members],
                      vectors["colour"][members], labels, np.ones(len(members), bool),
-                     "benchmark", "benchmark", options, embed_texts)
+                     "benchmark", "benchmark", options, embed_texts,
+                     groups=catalogue.groups[members].tolist())
 
 
 def photo_report(catalogue, vectors: dict, heads, members: np.ndarray, queries: np.ndarray,

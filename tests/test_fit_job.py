@@ -35,6 +35,7 @@ def test_index_then_fit_writes_an_artifact_beside_the_collection(ray_local, tmp_
     data = store.vectors_and_labels()
     store.close()
     assert len(data["ids"]) == 48 and data["image"].shape == (48, 1280)
+    assert len(data["image_hashes"]) == 48 and all(len(h) == 64 for h in data["image_hashes"])
     assert data["colour"].shape[0] == 48 and set(data["labels"]["colour"]) > {"Red"}
     assert np.allclose(np.linalg.norm(data["text"], axis=1), 1, atol=1e-4)
 

@@ -23,7 +23,12 @@ from deployments.core.heads import (
     load_heads,
     neighbour_weights,
 )
-from deployments.core.heads_fit import FitOptions, fit_heads, standardisation
+from deployments.core.heads_fit import (
+    FitOptions,
+    fit_heads,
+    standardisation,
+    validation_split,
+)
 from deployments.core.images import decode_image
 from deployments.core.learned import (
     found_by,
@@ -258,6 +263,42 @@ def test_refit_learns_a_value_from_the_held_out_products_too():
         predicted = fitted[refit].predict(teal_image, teal_colour)
         share = np.mean([next(iter(p["colour"])) == "Teal" for p in predicted])
         assert share >= floor if refit else share == 0.0, (refit, share)
+
+
+def test_the_validation_split_keeps_products_sharing_a_photo_together():
+    options = FitOptions(validation_share=0.2, seed=3)
+    groups = [f"photo{i // 3}" for i in range(300)]  # 100 photos, 3 products each
+    held = validation_split(300, options, groups)
+    for g in set(groups):
+        sides = {bool(h) for h, k in zip(held, groups, strict=True) if k == g}
+        assert len(sides) == 1, g
+    assert held.sum() == 60  # 20 of the 100 photos
+    by_product = validation_split(300, options)
+    assert by_product.sum() == 60 and (by_product == validation_split(300, options)).all()
+    with pytest.raises(ValueError, match="groups has 299 keys for 300 products"):
+        validation_split(300, options, groups[:-1])
+
+
+def test_held_out_figures_do_not_count_copies_of_fitted_photos():
+    """Every photo is in the catalogue twice (two products, one label); the labels carry no
+    signal. Split by product, a held-out product's copy is among the fitted ones and its colour
+    neighbour votes the right label: the artifact would claim a skill it does not have. Split by
+    photo, its held-out colour accuracy is near chance."""
+    rng = np.random.default_rng(4)
+    photos = 300
+    image = rng.standard_normal((photos, 32)).astype(np.float32)
+    colour = rng.random((photos, 54)).astype(np.float32)
+    colour /= np.linalg.norm(colour, axis=1, keepdims=True)
+    names = np.array(["Red", "Blue", "Green", "Black"])[rng.integers(0, 4, photos)]
+    twice = np.repeat(np.arange(photos), 2)
+    options = FitOptions(fields=("colour",), min_class_products=5, refit=False)
+    accuracy = {}
+    for split, groups in (("product", None), ("photo", [f"h{i}" for i in twice])):
+        heads = fit_heads(image[twice], np.zeros((len(twice), 8), np.float32), colour[twice],
+                          {"colour": list(names[twice])}, np.zeros(len(twice), bool), *IDS,
+                          options, groups=groups)
+        accuracy[split] = heads.validation["colour"]["accuracy"]
+    assert accuracy["product"] > 0.6 and accuracy["photo"] < 0.4, accuracy
 
 
 def test_a_feature_constant_on_the_fitted_products_is_centred_not_blown_up():

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -59,14 +59,16 @@ class FitOptions:
 def fit_heads(image: np.ndarray, text: np.ndarray, colour: np.ndarray,
               labels: dict[str, list[str]], has_text: np.ndarray,
               image_model: str, text_model: str, options: FitOptions = FitOptions(),
-              embed_text: Callable[[list[str]], np.ndarray] | None = None) -> Heads:
+              embed_text: Callable[[list[str]], np.ndarray] | None = None,
+              groups: Sequence[Hashable] | None = None) -> Heads:
     """Fit the alignment head on the products with text and an attribute head per field with
     enough labels. `image` (n, image_dim), `text` (n, text_dim), `colour` (n, colour_dim):
     stored float32 vectors; `labels`: per field, n values ("" = unlabelled); `has_text`: (n,)
     bool; `embed_text` (optional, the text encoder: list of m strings -> (m, text_dim)
     float32): with it the alignment also learns from `options.templates` filled with each
-    product's labels. A validation split (by product, `options.validation_share`) is held
-    out of every fit; its figures go into the artifact. With `options.refit` the attribute
+    product's labels. A validation split (`options.validation_share`, `validation_split`:
+    by `groups`, (n,) keys such as the photo's content hash, else by product) is held out of
+    every fit; its figures go into the artifact. With `options.refit` the attribute
     heads are then fitted again on every labelled product (`_refit_attribute`)."""
     start = time.perf_counter()
     torch.manual_seed(options.seed)
@@ -76,9 +78,7 @@ def fit_heads(image: np.ndarray, text: np.ndarray, colour: np.ndarray,
         image = np.asarray(image, np.float32)
         colour = np.asarray(colour, np.float32)
         n = len(image)
-        rng = np.random.default_rng(options.seed)
-        valid = np.zeros(n, dtype=bool)
-        valid[rng.permutation(n)[: int(round(n * options.validation_share))]] = True
+        valid = validation_split(n, options, groups)
         features = np.concatenate([image, colour], axis=1)
         mean, std = standardisation(features[~valid])
         x = (features - mean) / std
@@ -126,6 +126,26 @@ def fit_heads(image: np.ndarray, text: np.ndarray, colour: np.ndarray,
                  colour.shape[1], projection, mean.astype(np.float32), std.astype(np.float32),
                  heads, fitted_at, version, validation, neighbours, options.neighbours,
                  options.neighbour_temperature)
+
+
+def validation_split(n: int, options: FitOptions,
+                     groups: Sequence[Hashable] | None = None) -> np.ndarray:
+    """(n,) bool: the products a fit holds out, `options.validation_share` of them drawn with
+    `options.seed`. With `groups` ((n,) keys, e.g. each product's photo content hash) the share
+    is drawn by group, so products sharing a photo fall on the same side: a copy of a held-out
+    photo among the fitted ones would flatter the held-out figures. ValueError when `groups`
+    is not n long."""
+    rng = np.random.default_rng(options.seed)
+    valid = np.zeros(n, dtype=bool)
+    if groups is None:
+        valid[rng.permutation(n)[: int(round(n * options.validation_share))]] = True
+        return valid
+    if len(groups) != n:
+        raise ValueError(f"groups has {len(groups)} keys for {n} products")
+    keys: dict[Hashable, int] = {}
+    codes = np.array([keys.setdefault(g, len(keys)) for g in groups], dtype=np.int64)
+    held = rng.permutation(len(keys))[: int(round(len(keys) * options.validation_share))]
+    return np.isin(codes, held)
 
 
 @dataclass

@@ -657,11 +657,14 @@ class ProductStore:
     def vectors_and_labels(self, batch_size: int = 2048) -> dict[str, Any]:
         """Every product's stored vectors and labels, for fitting heads (deployments.core.heads):
         `ids`, `titles`, `labels` (one list per STRING_FIELDS name, "" = none), and float32
-        arrays `image` (n, image_dim), `text` (n, text_dim), `colour` (n, COLOUR_DIMS)."""
-        fields = ["id", "title", *STRING_FIELDS, *VECTOR_FIELDS.values(), COLOUR_FIELD]
+        arrays `image` (n, image_dim), `text` (n, text_dim), `colour` (n, COLOUR_DIMS), and
+        `image_hashes` (each product's photo content hash: products sharing a photo share it)."""
+        fields = ["id", "title", "image_hash", *STRING_FIELDS, *VECTOR_FIELDS.values(),
+                  COLOUR_FIELD]
         rows = self._query_all(fields, batch_size)
         result: dict[str, Any] = {"ids": [r["id"] for r in rows],
-                                  "titles": [r["title"] for r in rows]}
+                                  "titles": [r["title"] for r in rows],
+                                  "image_hashes": [r["image_hash"] for r in rows]}
         result["labels"] = {name: [r.get(name) or "" for r in rows] for name in STRING_FIELDS}
         for key, name in {**VECTOR_FIELDS, "colour": COLOUR_FIELD}.items():
             result[key] = np.asarray([r[name] for r in rows], dtype=np.float32)
