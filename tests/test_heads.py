@@ -275,6 +275,8 @@ def test_the_validation_split_keeps_products_sharing_a_photo_together():
     assert held.sum() == 60  # 20 of the 100 photos
     by_product = validation_split(300, options)
     assert by_product.sum() == 60 and (by_product == validation_split(300, options)).all()
+    one_photo = validation_split(300, options, ["same"] * 300)  # nothing to split by
+    assert (one_photo == by_product).all()
     with pytest.raises(ValueError, match="groups has 299 keys for 300 products"):
         validation_split(300, options, groups[:-1])
 

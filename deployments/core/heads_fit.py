@@ -133,19 +133,20 @@ def validation_split(n: int, options: FitOptions,
     """(n,) bool: the products a fit holds out, `options.validation_share` of them drawn with
     `options.seed`. With `groups` ((n,) keys, e.g. each product's photo content hash) the share
     is drawn by group, so products sharing a photo fall on the same side: a copy of a held-out
-    photo among the fitted ones would flatter the held-out figures. ValueError when `groups`
-    is not n long."""
-    rng = np.random.default_rng(options.seed)
-    valid = np.zeros(n, dtype=bool)
-    if groups is None:
-        valid[rng.permutation(n)[: int(round(n * options.validation_share))]] = True
-        return valid
-    if len(groups) != n:
+    photo among the fitted ones would flatter the held-out figures (with too few groups to
+    hold any out, or to keep any, it is drawn by product). ValueError when `groups` is not n
+    long."""
+    if groups is not None and len(groups) != n:
         raise ValueError(f"groups has {len(groups)} keys for {n} products")
-    keys: dict[Hashable, int] = {}
-    codes = np.array([keys.setdefault(g, len(keys)) for g in groups], dtype=np.int64)
-    held = rng.permutation(len(keys))[: int(round(len(keys) * options.validation_share))]
-    return np.isin(codes, held)
+    codes = np.arange(n)
+    if groups is not None:
+        keys: dict[Hashable, int] = {}
+        grouped = np.array([keys.setdefault(g, len(keys)) for g in groups], dtype=np.int64)
+        if 0 < round(len(keys) * options.validation_share) < len(keys):
+            codes = grouped
+    count = int(codes.max(initial=-1)) + 1
+    held = np.random.default_rng(options.seed).permutation(count)
+    return np.isin(codes, held[: int(round(count * options.validation_share))])
 
 
 @dataclass

@@ -224,7 +224,8 @@ class HeadSettings(BaseModel):
         "article_type", "colour", "category", "gender", "subcategory", "usage", "season"])
     min_field_products: int = Field(50, ge=2, description="labelled products a field needs")
     min_class_products: int = Field(5, ge=1, description="rarer values are not predicted")
-    validation_share: float = Field(0.2, gt=0, lt=1)
+    validation_share: float = Field(0.2, gt=0, lt=1, description="share of the photos the fit "
+                                    "holds out (products sharing a photo go together)")
     refit: bool = Field(True, description="after the held-out figures, fit the attribute heads "
                         "again on every labelled product (heads_fit.FitOptions.refit)")
     align_epochs: int = Field(30, ge=1, description="epochs cycle through titles and label "
