@@ -60,8 +60,10 @@ def fit_data(data: dict[str, Any], settings: AppSettings) -> Heads:
 def photo_groups(data: dict[str, Any]) -> list[str]:
     """Per product, the key its fit's validation split is drawn by: its photo's content hash,
     so products sharing a photo are held out together (its id when no hash is stored)."""
-    return [h or f"id:{i}" for h, i in zip(data.get("image_hashes") or [""] * len(data["ids"]),
-                                           data["ids"], strict=True)]
+    hashes = data.get("image_hashes")
+    if hashes is None:  # a service of an earlier version does not send them
+        hashes = [""] * len(data["ids"])
+    return [h or f"id:{i}" for h, i in zip(hashes, data["ids"], strict=True)]
 
 
 def run_fit(settings: AppSettings, search_handle=None, store=None) -> Heads | None:

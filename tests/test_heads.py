@@ -277,6 +277,11 @@ def test_the_validation_split_keeps_products_sharing_a_photo_together():
     assert by_product.sum() == 60 and (by_product == validation_split(300, options)).all()
     one_photo = validation_split(300, options, ["same"] * 300)  # nothing to split by
     assert (one_photo == by_product).all()
+    # A placeholder photo shared by 900 of 1,000 products is never drawn into the 20%.
+    for seed in range(8):
+        placeholder = validation_split(1000, FitOptions(seed=seed),
+                                       ["none"] * 900 + [f"s{i}" for i in range(100)])
+        assert 90 <= placeholder.sum() <= 100 and not placeholder[:900].any(), seed
     with pytest.raises(ValueError, match="groups has 299 keys for 300 products"):
         validation_split(300, options, groups[:-1])
 

@@ -131,22 +131,31 @@ def fit_heads(image: np.ndarray, text: np.ndarray, colour: np.ndarray,
 def validation_split(n: int, options: FitOptions,
                      groups: Sequence[Hashable] | None = None) -> np.ndarray:
     """(n,) bool: the products a fit holds out, `options.validation_share` of them drawn with
-    `options.seed`. With `groups` ((n,) keys, e.g. each product's photo content hash) the share
-    is drawn by group, so products sharing a photo fall on the same side: a copy of a held-out
-    photo among the fitted ones would flatter the held-out figures (with too few groups to
-    hold any out, or to keep any, it is drawn by product). ValueError when `groups` is not n
+    `options.seed`. With `groups` ((n,) keys, e.g. each product's photo content hash) whole
+    groups are drawn, in a random order, while they fit in that share, so products sharing a
+    photo fall on the same side (a copy of a held-out photo among the fitted ones would flatter
+    the held-out figures) and one big group (a placeholder photo) cannot take most of the
+    catalogue; when no group fits, it is drawn by product. ValueError when `groups` is not n
     long."""
     if groups is not None and len(groups) != n:
         raise ValueError(f"groups has {len(groups)} keys for {n} products")
-    codes = np.arange(n)
+    target = int(round(n * options.validation_share))
+    rng = np.random.default_rng(options.seed)
     if groups is not None:
         keys: dict[Hashable, int] = {}
-        grouped = np.array([keys.setdefault(g, len(keys)) for g in groups], dtype=np.int64)
-        if 0 < round(len(keys) * options.validation_share) < len(keys):
-            codes = grouped
-    count = int(codes.max(initial=-1)) + 1
-    held = np.random.default_rng(options.seed).permutation(count)
-    return np.isin(codes, held[: int(round(count * options.validation_share))])
+        codes = np.array([keys.setdefault(g, len(keys)) for g in groups], dtype=np.int64)
+        sizes = np.bincount(codes, minlength=len(keys))
+        held, total = [], 0
+        for group in rng.permutation(len(keys)):
+            if total + sizes[group] <= target:
+                held.append(group)
+                total += int(sizes[group])
+        if 0 < total < n:
+            return np.isin(codes, held)
+        rng = np.random.default_rng(options.seed)
+    valid = np.zeros(n, dtype=bool)
+    valid[rng.permutation(n)[:target]] = True
+    return valid
 
 
 @dataclass
