@@ -140,21 +140,19 @@ def validation_split(n: int, options: FitOptions,
     if groups is not None and len(groups) != n:
         raise ValueError(f"groups has {len(groups)} keys for {n} products")
     target = int(round(n * options.validation_share))
-    rng = np.random.default_rng(options.seed)
     if groups is not None:
         keys: dict[Hashable, int] = {}
         codes = np.array([keys.setdefault(g, len(keys)) for g in groups], dtype=np.int64)
         sizes = np.bincount(codes, minlength=len(keys))
         held, total = [], 0
-        for group in rng.permutation(len(keys)):
+        for group in np.random.default_rng(options.seed).permutation(len(keys)):
             if total + sizes[group] <= target:
                 held.append(group)
                 total += int(sizes[group])
         if 0 < total < n:
             return np.isin(codes, held)
-        rng = np.random.default_rng(options.seed)
     valid = np.zeros(n, dtype=bool)
-    valid[rng.permutation(n)[:target]] = True
+    valid[np.random.default_rng(options.seed).permutation(n)[:target]] = True
     return valid
 
 
