@@ -142,24 +142,34 @@ def test_same_entities_when_only_some_fields_are_read(store):
 
     products = [p.model_copy(update={"attributes": {"size": ["S", "M"][i % 2]}, "price": i + 0.5})
                 for i, p in enumerate(_products(range(120)))]
-    store.upsert(products, _vectors(120, IMAGE_DIM, 1), _vectors(120, TEXT_DIM, 2))
+    store.upsert(products[:60], _vectors(60, IMAGE_DIM, 1), _vectors(60, TEXT_DIM, 2))
     store.flush()
+    store.upsert(products[60:], _vectors(60, IMAGE_DIM, 5), _vectors(60, TEXT_DIM, 6))
+    store.flush()  # two segments: their hits are read side by side
     store.upsert(_products(range(100, 130), " v2"), _vectors(30, IMAGE_DIM, 3),
                  _vectors(30, TEXT_DIM, 4))  # some hits from the memtable
     query = _vectors(3, IMAGE_DIM, 9)
-    fields = [["id", "title", "colour_vector"], ["attributes", "price", "text_vector"], None]
+    fields = [["id", "title", "colour_vector"], ["attributes", "price", "text_vector"],
+              ["price", "id", "article_type", "title"], None]
 
     def raw(output_fields):
         return store._client.search(store.collection, data=query.tolist(),
                                     anns_field="image_vector", limit=60,
                                     output_fields=output_fields)
 
+    def engine_hits(output_fields):  # the engine's own records, before any client shapes them
+        col = store._direct._collection(store.collection)
+        return col.search(query.tolist(), top_k=60, metric_type="COSINE",
+                          output_fields=output_fields, anns_field="image_vector")
+
     for output_fields in fields:
         assert lite_search.install()
+        cached_hits = engine_hits(output_fields)
         cached = raw(output_fields)
         pool = [(h.product.id, h.product.title, h.score, h.colour) for h in
                 store.search_pool(query[0], "image", 60)]
         lite_search.uninstall()
+        assert _comparable(engine_hits(output_fields)) == _comparable(cached_hits), output_fields
         engine = raw(output_fields)
         engine_pool = [(h.product.id, h.product.title, h.score, h.colour) for h in
                        store.search_pool(query[0], "image", 60)]
@@ -169,6 +179,14 @@ def test_same_entities_when_only_some_fields_are_read(store):
         assert [(i, t, s) for i, t, s, _ in pool] == [(i, t, s) for i, t, s, _ in engine_pool]
         assert all((a is None and b is None) or np.array_equal(a, b)
                    for (*_, a), (*_, b) in zip(pool, engine_pool, strict=True))
+
+
+def _comparable(hits: list[list[dict]]) -> list[list[tuple]]:
+    """Engine hits as (id, distance, entity's fields in order, values; vectors as lists)."""
+    def value(v):
+        return np.asarray(v).tolist() if isinstance(v, (list, np.ndarray)) else v
+    return [[(h["id"], h["distance"], [(k, value(v)) for k, v in h["entity"].items()])
+             for h in row] for row in hits]
 
 
 @pytest.mark.parametrize("index_type", ["HNSW", "HNSW_SQ", "IVF_FLAT", "IVF_SQ8"])

@@ -20,7 +20,9 @@ paths) gets only the columns an expression reads (`evaluate_python`), and whethe
 field is the primary key is answered once per schema, not per field per hit (`is_primary`).
 A filter's primary-key terms ("more like this" excludes the product itself) are answered from
 the snapshot's sorted keys, not by checking every row's key (`key_terms`), and the rows a
-filter allows reach faiss as a bitmap, not a set built per search (`index_search`).
+filter allows reach faiss as a bitmap, not a set built per search (`index_search`). The hits'
+fields are read from each segment holding some, side by side, and only the requested columns,
+which then need none of the engine's per-hit projection (`_segment_rows`, `_entity_fields`).
 
 `install()` swaps the engine's functions for these when the installed Milvus Lite is a version
 this was written against, else leaves the engine alone. Only the embedded engine in this
@@ -55,6 +57,8 @@ _original_python: Callable | None = None  # the engine's row-wise filter evaluat
 _original_is_primary: Callable | None = None
 # id(schema) -> (schema, its SchemaFields); the schema held so its id is not reused
 _schema_fields: dict[int, tuple[Any, SchemaFields]] = {}
+# The engine's bookkeeping columns, never part of a hit's entity.
+_INTERNAL_COLUMNS = frozenset({"_seq", "_partition", "$meta"})
 
 
 @dataclass
@@ -282,14 +286,24 @@ def execute_search(
     columns = _columns(scope, output_fields, pk_field)
     best = [sorted(candidates[q])[:top_k] for q in range(nq)]
     rows = _segment_rows(scope, best, columns) if columns is not None else {}
+    # A row read from exactly the requested plain columns projects to those columns less the
+    # key, as the engine's projection gives them (it has no dynamic fields to merge); the
+    # engine's own per-hit projection asks per field whether it is the key and merges dynamic
+    # fields (0.4 ms of a 10-hit search at 300k products, under cProfile).
+    entity_fields = _entity_fields(scope, columns) if columns is not None else []
     results = []
     for q in range(nq):
         row: list[dict] = []
         for dist, source, local in best[q]:
             if source < len(scope):
                 segment = scope[source]
-                record = rows.get((source, local)) or segment.row_to_dict(local)
+                record = rows.get((source, local))
                 pk = segment.pks[local]
+                if record is not None:
+                    row.append({"id": record.get(pk_field, pk), "distance": dist,
+                                "entity": {f: record[f] for f in entity_fields}})
+                    continue
+                record = segment.row_to_dict(local)
             else:
                 record, pk = memtable.materialize_row(*mt_row_refs[local]), mt_pks[local]
             row.append({"id": record.get(pk_field, pk), "distance": dist,
@@ -427,13 +441,26 @@ def _segment_rows(scope: tuple, best: list[list[tuple[float, int, int]]],
         for _, source, local in hits:
             if source < len(scope):
                 wanted.setdefault(source, []).append(local)
-    rows = {}
-    for source, locals_ in wanted.items():
+
+    def read(item: tuple[int, list[int]]) -> list[tuple[tuple[int, int], dict]]:
+        source, locals_ = item
         locals_ = sorted(set(locals_))
         table = scope[source].table.select(columns).take(locals_)
-        for local, record in zip(locals_, table.to_pylist(), strict=True):
-            rows[(source, local)] = record
-    return rows
+        return [((source, local), record)
+                for local, record in zip(locals_, table.to_pylist(), strict=True)]
+
+    # Segments are read side by side, as they are searched: Arrow's `take` releases the GIL.
+    items = list(wanted.items())
+    parts = _pool().map(read, items) if len(items) > 1 else map(read, items)
+    return {key: record for part in parts for key, record in part}
+
+
+def _entity_fields(scope: tuple, columns: list[str]) -> list[str]:
+    """The fields of a hit's entity read from `columns` (the key first, then the requested
+    plain columns): the requested ones less the key, in the segments' column order (the
+    schema's), as the engine's search projection returns them; never its internal columns."""
+    wanted = set(columns[1:]) - _INTERNAL_COLUMNS
+    return [name for name in scope[0].table.schema.names if name in wanted] if scope else []
 
 
 def _columns(scope: tuple, output_fields: list[str] | None, pk_field: str) -> list[str] | None:
