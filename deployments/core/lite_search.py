@@ -295,15 +295,14 @@ def execute_search(
     for q in range(nq):
         row: list[dict] = []
         for dist, source, local in best[q]:
+            if (source, local) in rows:  # read with the key first (`_columns`)
+                record = rows[(source, local)]
+                row.append({"id": record[pk_field], "distance": dist,
+                            "entity": {f: record[f] for f in entity_fields}})
+                continue
             if source < len(scope):
                 segment = scope[source]
-                record = rows.get((source, local))
-                pk = segment.pks[local]
-                if record is not None:
-                    row.append({"id": record.get(pk_field, pk), "distance": dist,
-                                "entity": {f: record[f] for f in entity_fields}})
-                    continue
-                record = segment.row_to_dict(local)
+                record, pk = segment.row_to_dict(local), segment.pks[local]
             else:
                 record, pk = memtable.materialize_row(*mt_row_refs[local]), mt_pks[local]
             row.append({"id": record.get(pk_field, pk), "distance": dist,
