@@ -202,6 +202,7 @@ def test_milvus_outage_fails_fast_then_recovers_without_losing_writes(server_app
             time.sleep(4)
             health = client.get("/healthz")
             time.sleep(2)
+            restarting = time.monotonic()
             milvus_server.start()
             restarted = time.monotonic()
             recovered = None
@@ -214,11 +215,15 @@ def test_milvus_outage_fails_fast_then_recovers_without_losing_writes(server_app
             time.sleep(1)
 
         assert health.status_code == 503 and health.headers.get("retry-after")
-        during = [(status, took) for t, status, took in load.outcomes
-                  if stopped + 1.5 < t < restarted - 0.5]
-        assert during, "no request was sent while Milvus was down"
-        assert {status for status, _ in during} == {503}
-        assert max(took for _, took in during) < 2.0  # fail fast, no hang
+        # Answered while Milvus was down: sent after it stopped, answered before its restart
+        # began (a request sent while the server starts may reach it up, and rightly succeed).
+        during = [status for t, status, took in load.outcomes
+                  if stopped + 1.5 < t and t + took < restarting]
+        assert during, "no request was answered while Milvus was down"
+        assert set(during) == {503}
+        # Fail fast, no hang: every request sent while it was down got its answer within 2 s.
+        sent_down = [took for t, _, took in load.outcomes if stopped + 1.5 < t < restarting - 2.0]
+        assert sent_down and max(sent_down) < 2.0
         assert recovered is not None and recovered < 10, recovered
         for product_id in acknowledged:
             assert client.get(f"/products/{product_id}").status_code == 200

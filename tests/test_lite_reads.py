@@ -97,6 +97,36 @@ def test_reads_by_id_answer_as_through_grpc(stores):
     assert all(np.array_equal(a[i][0], b[i][0]) and np.array_equal(a[i][1], b[i][1]) for i in a)
 
 
+def test_reads_by_id_give_the_engines_own_records(stores):
+    """Reading only the requested columns gives exactly the records of the engine's `get`
+    (fields in order, values and types, vectors), through upserts across segments, the
+    memtable, flushed and unflushed deletes, missing and repeated keys."""
+    from deployments.core.lite_reads import get_rows
+
+    direct, _ = stores
+    direct.flush()  # p0..p39 in one segment, p40..p59 in another
+    direct.upsert([p.model_copy(update={"title": f"{p.title} v2"}) for p in _products(50)[30:50]],
+                  _vectors(20, IMAGE_DIM, 4), _vectors(20, TEXT_DIM, 5))  # newer, in memtable
+    direct.delete(["p3", "p45"])
+    direct.flush()
+    direct.delete(["p7", "p33"])  # unflushed tombstones, one of a row also in the memtable
+    col = direct._direct._collection(direct.collection)
+    ids = ["p1", "p3", "missing", "p31", "p33", "p7", "p41", "p45", "p52", "p1", "p8"]
+    fields = [["id", "title", "attributes", "price"], ["title", "image_vector", "colour_vector"],
+              ["price", "id", "predicted_colour", "predicted_colour_p", "title"],
+              ["id"], []]
+    for output_fields in fields:
+        ours = get_rows(col, ids, output_fields)
+        engine = col.get(ids, output_fields=output_fields)
+        assert [list(r.items()) for r in ours] == [list(r.items()) for r in engine], \
+            output_fields
+        assert [type(v) for r in ours for v in r.values()] == \
+            [type(v) for r in engine for v in r.values()]
+    assert [r["title"] for r in get_rows(col, ids, ["title"])] == [
+        "Prodüct 1 \"quoted\"", "Prodüct 31 \"quoted\" v2", "Prodüct 41 \"quoted\" v2",
+        "Prodüct 52 \"quoted\"", "Prodüct 1 \"quoted\"", "Prodüct 8 \"quoted\""]
+
+
 def test_writes_are_read_at_once_and_deletes_are_gone(stores):
     direct, _ = stores
     q = _vectors(1, IMAGE_DIM, 11)[0]

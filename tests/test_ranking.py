@@ -135,6 +135,7 @@ def test_same_colour_same_type_ranks_above_other_colour_at_equal_visual_score():
     assert [c.id for c, _ in ranked][0] == "red-shirt"
     assert [c.id for c, _ in ranked][-1] == "blue-tshirt"
     assert ranked[0][1]["colour"] > 0.9 and ranked[-1][1]["colour"] < 0.1
+    assert rerank(candidates, query, limit=2) == ranked[:2]  # the best two, explained alike
 
 
 def test_rerank_explains_each_signal():

@@ -241,3 +241,18 @@ def _wait_for_vector_index(store: ProductStore, field: str, timeout: float = 120
             field in s.indexes for s in segments):
         assert time.monotonic() < deadline, "the vector index was not built"
         time.sleep(0.2)
+
+
+def test_pool_products_are_what_pydantic_constructs():
+    """A re-ranking pool's products, built without pydantic's per-field loop, are the products
+    `model_construct` gives for the same fields, each with fresh mutable defaults."""
+    from deployments.core.store import POOL_FIELDS, _pool_product
+
+    fields = dict(zip(POOL_FIELDS, ("p1", "A red shirt", "Shirts", "Red", "r/1.jpg", "ab"),
+                      strict=True))
+    ours, theirs = _pool_product(fields), Product.model_construct(**fields)
+    assert ours == theirs and ours.model_dump() == theirs.model_dump()
+    assert ours.model_fields_set == theirs.model_fields_set == set(POOL_FIELDS)
+    ours.attributes["size"] = "M"
+    ours.predicted["colour"] = Prediction(value="Red", confidence=0.9)
+    assert _pool_product(fields).attributes == {} and _pool_product(fields).predicted == {}

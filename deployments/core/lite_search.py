@@ -22,7 +22,7 @@ A filter's primary-key terms ("more like this" excludes the product itself) are 
 the snapshot's sorted keys, not by checking every row's key (`key_terms`), and the rows a
 filter allows reach faiss as a bitmap, not a set built per search (`index_search`). The hits'
 fields are read from each segment holding some, side by side, and only the requested columns,
-which then need none of the engine's per-hit projection (`_segment_rows`, `_entity_fields`).
+which then need none of the engine's per-hit projection (`segment_rows`, `_entity_fields`).
 
 `install()` swaps the engine's functions for these when the installed Milvus Lite is a version
 this was written against, else leaves the engine alone. Only the embedded engine in this
@@ -283,9 +283,9 @@ def execute_search(
     candidates = [[c for source in found for c in source[q]] for q in range(nq)]
 
     project = project_record_fn or _projection(output_fields, pk_field, vector_field)
-    columns = _columns(scope, output_fields, pk_field)
+    columns = plain_columns(scope, output_fields, pk_field)
     best = [sorted(candidates[q])[:top_k] for q in range(nq)]
-    rows = _segment_rows(scope, best, columns) if columns is not None else {}
+    rows = segment_rows(scope, best, columns) if columns is not None else {}
     # A row read from exactly the requested plain columns projects to those columns less the
     # key, as the engine's projection gives them (it has no dynamic fields to merge); the
     # engine's own per-hit projection asks per field whether it is the key and merges dynamic
@@ -295,7 +295,7 @@ def execute_search(
     for q in range(nq):
         row: list[dict] = []
         for dist, source, local in best[q]:
-            if (source, local) in rows:  # read with the key first (`_columns`)
+            if (source, local) in rows:  # read with the key first (`plain_columns`)
                 record = rows[(source, local)]
                 row.append({"id": record[pk_field], "distance": dist,
                             "entity": {f: record[f] for f in entity_fields}})
@@ -431,7 +431,7 @@ def _memtable_mask(pks: list[Any], seqs: np.ndarray, snap: _Snapshot | None,
     return mask
 
 
-def _segment_rows(scope: tuple, best: list[list[tuple[float, int, int]]],
+def segment_rows(scope: tuple, best: list[list[tuple[float, int, int]]],
                   columns: list[str]) -> dict[tuple[int, int], dict]:
     """{(segment, row): {column: value}} of the segment rows among the hits, read a segment at a
     time (one Arrow `take` of the needed columns, not a Python conversion per cell)."""
@@ -462,7 +462,8 @@ def _entity_fields(scope: tuple, columns: list[str]) -> list[str]:
     return [name for name in scope[0].table.schema.names if name in wanted] if scope else []
 
 
-def _columns(scope: tuple, output_fields: list[str] | None, pk_field: str) -> list[str] | None:
+def plain_columns(scope: tuple, output_fields: list[str] | None,
+                  pk_field: str) -> list[str] | None:
     """The stored columns a hit's entity is built from, when they are plain columns of every
     segment: the engine's `row_to_dict` converts every column of each hit to Python (a 1,280-d
     image vector, a 384-d text vector, ... per hit: most of a 200-hit search's time), only for

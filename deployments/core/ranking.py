@@ -134,11 +134,12 @@ SIGNALS = ("visual", "colour", "article_type", "colour_label")
 
 def rerank(
     candidates: Sequence[Candidate], query: QuerySignals, weights: Weights = Weights(),
+    limit: int | None = None,
 ) -> list[tuple[Candidate, dict[str, float]]]:
-    """Candidates best first, each with its per-signal scores and their weighted `score`
-    (for `explain=true`). Ties keep the search order."""
+    """Candidates best first (the first `limit`, or all), each with its per-signal scores and
+    their weighted `score` (for `explain=true`). Ties keep the search order."""
     signals = signal_matrix(candidates, query)
     totals = signals @ np.array([getattr(weights, s) for s in SIGNALS])
-    order = np.argsort(-totals, kind="stable")
-    return [(candidates[i], {**dict(zip(SIGNALS, map(float, signals[i]), strict=True)),
+    order = np.argsort(-totals, kind="stable")[:limit]
+    return [(candidates[i], {**dict(zip(SIGNALS, signals[i].tolist(), strict=True)),
                              "score": float(totals[i])}) for i in order]

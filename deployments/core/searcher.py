@@ -470,7 +470,7 @@ def rerank_hits(pool: list[Hit], colour: np.ndarray | None, k: int, weights: Wei
     query.attributes.update({f: {v: 1.0} for f, v in (known or {}).items() if v})
     hits = []
     total = sum(weights.__dict__.values()) or 1.0
-    for candidate, signals in rerank(candidates, query, weights)[:k]:
+    for candidate, signals in rerank(candidates, query, weights, k):
         score = min(signals["score"] / total, 1.0)  # a cosine may round above 1
         hit = Hit(candidate.item.product, score)
         if explain:

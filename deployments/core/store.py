@@ -135,6 +135,17 @@ def _colour(entity: dict[str, Any]) -> np.ndarray | None:
     return vector if vector.size and vector.any() else None
 
 
+def _colours(entities: Sequence[dict[str, Any]]) -> list[np.ndarray | None]:
+    """`_colour` of each entity ((COLOUR_DIMS,) float32, or None for none or all zeros), in one
+    array conversion for a whole pool rather than one per hit."""
+    vectors = [entity.get(COLOUR_FIELD) or () for entity in entities]
+    if any(len(v) != COLOUR_DIMS for v in vectors):
+        return [_colour(entity) for entity in entities]
+    matrix = np.asarray(vectors, dtype=np.float32).reshape(len(vectors), COLOUR_DIMS)
+    return [row if present else None
+            for row, present in zip(matrix, matrix.any(axis=1).tolist(), strict=True)]
+
+
 def _cosines(query: np.ndarray, stored: Sequence[Sequence[float]]) -> np.ndarray:
     """(n,) cosines of a query vector and n stored ones (0 where either is all zero)."""
     if not len(stored):
@@ -759,9 +770,11 @@ class ProductStore:
         result = self._search_rows(np.asarray(vector, dtype=np.float32)[None],
                                    VECTOR_FIELDS[field], k, " and ".join(c for c in clauses if c),
                                    [*POOL_FIELDS, COLOUR_FIELD])
-        return [Hit(_pool_product({f: h["entity"][f] for f in POOL_FIELDS
-                                   if h["entity"].get(f) is not None}),
-                    float(h["distance"]), _colour(h["entity"])) for h in result[0]]
+        entities = [h["entity"] for h in result[0]]
+        return [Hit(_pool_product({f: entity[f] for f in POOL_FIELDS
+                                   if entity.get(f) is not None}), float(h["distance"]), colour)
+                for h, entity, colour in zip(result[0], entities, _colours(entities),
+                                             strict=True)]
 
     @_backend_errors
     def complete(self, hits: Sequence[Hit]) -> list[Hit]:
@@ -850,10 +863,10 @@ class ProductStore:
         return Product.model_validate(data)
 
 
-# Every field at its default, unvalidated: pool products are copies of it with their few
-# fields set (model_construct would evaluate every default factory per product, pydantic
-# inspecting each factory's signature: 17 us against 2.4 us, x200 candidates per query).
-_POOL_TEMPLATE = Product.model_construct(id="", title="")
+# Every field at its default: pool products start from these with their few fields set
+# (model_construct would evaluate every default factory per product, pydantic inspecting each
+# factory's signature: 17 us against 0.9 us, x200 candidates per query).
+_POOL_DEFAULTS = dict(Product.model_construct(id="", title="").__dict__)
 PRODUCT_COLUMNS = frozenset(f for f in SCALAR_FIELDS if f not in PREDICTION_FIELDS)
 
 
@@ -876,7 +889,15 @@ def _lean_product(row: dict[str, Any]) -> Product:
 def _pool_product(fields: dict[str, Any]) -> Product:
     """An unvalidated product holding `fields` (POOL_FIELDS, or a lean row's), the rest at their
     defaults (fresh mutable ones, so no two share a dict)."""
-    return _POOL_TEMPLATE.model_copy(update={"attributes": {}, "predicted": {}, **fields})
+    # What pydantic's model_construct does when given every field (no default factories run),
+    # without its per-field loop: 0.9 us against 1.9 us for a template copy, x200 per query.
+    product = Product.__new__(Product)
+    _set = object.__setattr__
+    _set(product, "__dict__", {**_POOL_DEFAULTS, "attributes": {}, "predicted": {}, **fields})
+    _set(product, "__pydantic_fields_set__", set(fields))
+    _set(product, "__pydantic_extra__", None)
+    _set(product, "__pydantic_private__", None)
+    return product
 
 
 def _prediction_columns(product: Product, predicted_by: str) -> dict[str, Any]:
