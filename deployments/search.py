@@ -187,9 +187,10 @@ class ProductSearch:
     async def by_image(self, features: ImageFeatures, k: int, filters: Filters | None = None,
                        explain: bool = False) -> list[Hit]:
         """Products that look like a photo, re-ranked (Searcher.by_image)."""
-        searcher = await asyncio.to_thread(self.router.for_query, features.model)
-        return await self._call("search", searcher.by_image, features, k, filters, (), "",
-                                explain)
+        def search() -> list[Hit]:  # one thread hop: the version lookup can block too
+            return self.router.for_query(features.model).by_image(features, k, filters, (), "",
+                                                                   explain)
+        return await self._call("search", search)
 
     async def by_text(self, vector: np.ndarray, text: str, k: int,
                       filters: Filters | None = None, explain: bool = False) -> list[Hit]:
@@ -201,9 +202,10 @@ class ProductSearch:
                      filters: Filters | None = None, ranker: str = "rrf",
                      image_weight: float = 0.5, explain: bool = False) -> list[Hit]:
         """Photo and description fused (Searcher.hybrid)."""
-        searcher = await asyncio.to_thread(self.router.for_query, features.model)
-        return await self._call("hybrid_search", searcher.hybrid, features, text_vector,
-                                k, filters, ranker, image_weight, explain)
+        def search() -> list[Hit]:
+            return self.router.for_query(features.model).hybrid(
+                features, text_vector, k, filters, ranker, image_weight, explain)
+        return await self._call("hybrid_search", search)
 
     async def similar(self, product_id: str, k: int, filters: Filters | None = None,
                       explain: bool = False) -> list[Hit]:
