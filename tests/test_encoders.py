@@ -228,3 +228,20 @@ def test_a_text_model_with_inputs_the_encoder_cannot_fill_is_refused():
     backend = Backend.from_file(f"{default_text_model_path()}/tokenizer.json")
     with pytest.raises(ValueError, match="position_ids"):
         Tokenizer(backend, ["input_ids", "position_ids"], 0, 128)
+
+
+@pytest.mark.parametrize("mean, std", [((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
+                                       ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))])
+def test_normalise_is_the_models_per_channel_formula(mean, std):
+    """The model input is (x / 255 - mean) / std per channel, NCHW, C-ordered float32."""
+    from deployments.core.images import ImagePreprocessor
+
+    pixels = np.random.default_rng(0).integers(0, 256, (3, 20, 24, 3), dtype=np.uint8)
+    pixels[0, 0, 0] = (0, 128, 255)
+    got = ImagePreprocessor((20, 24), mean, std).normalise(pixels)
+    expected = (pixels.transpose(0, 3, 1, 2) / 255.0 - np.reshape(mean, (1, 3, 1, 1))) \
+        / np.reshape(std, (1, 3, 1, 1))
+    assert got.shape == (3, 3, 20, 24) and got.dtype == np.float32 and got.flags.c_contiguous
+    assert np.allclose(got, expected, rtol=0, atol=1e-6)
+    assert got[0, :, 0, 0] == pytest.approx([(0 - mean[0]) / std[0], (128 / 255 - mean[1])
+                                             / std[1], (1 - mean[2]) / std[2]], abs=1e-6)

@@ -122,6 +122,9 @@ def test_reads_by_id_give_the_engines_own_records(stores):
             output_fields
         assert [type(v) for r in ours for v in r.values()] == \
             [type(v) for r in engine for v in r.values()]
+    twice = get_rows(col, ["p1", "p1"], ["image_vector"])
+    twice[0]["image_vector"].append(9.0)  # the two records of one key share nothing
+    assert len(twice[1]["image_vector"]) == IMAGE_DIM
     assert [r["title"] for r in get_rows(col, ids, ["title"])] == [
         "Prodüct 1 \"quoted\"", "Prodüct 31 \"quoted\" v2", "Prodüct 41 \"quoted\" v2",
         "Prodüct 52 \"quoted\"", "Prodüct 1 \"quoted\"", "Prodüct 8 \"quoted\""]
