@@ -22,7 +22,7 @@ A filter's primary-key terms ("more like this" excludes the product itself) are 
 the snapshot's sorted keys, not by checking every row's key (`key_terms`), and the rows a
 filter allows reach faiss as a bitmap, not a set built per search (`index_search`). The hits'
 fields are read from each segment holding some, side by side, and only the requested columns,
-which then need none of the engine's per-hit projection (`segment_rows`, `_entity_fields`).
+which then need none of the engine's per-hit projection (`_segment_rows`, `_entity_fields`).
 
 `install()` swaps the engine's functions for these when the installed Milvus Lite is a version
 this was written against, else leaves the engine alone. Only the embedded engine in this
@@ -285,7 +285,7 @@ def execute_search(
     project = project_record_fn or _projection(output_fields, pk_field, vector_field)
     columns = plain_columns(scope, output_fields, pk_field)
     best = [sorted(candidates[q])[:top_k] for q in range(nq)]
-    rows = segment_rows(scope, best, columns) if columns is not None else {}
+    rows = _segment_rows(scope, best, columns) if columns is not None else {}
     # A row read from exactly the requested plain columns projects to those columns less the
     # key, as the engine's projection gives them (it has no dynamic fields to merge); the
     # engine's own per-hit projection asks per field whether it is the key and merges dynamic
@@ -431,7 +431,7 @@ def _memtable_mask(pks: list[Any], seqs: np.ndarray, snap: _Snapshot | None,
     return mask
 
 
-def segment_rows(scope: tuple, best: list[list[tuple[float, int, int]]],
+def _segment_rows(scope: tuple, best: list[list[tuple[float, int, int]]],
                   columns: list[str]) -> dict[tuple[int, int], dict]:
     """{(segment, row): {column: value}} of the segment rows among the hits, read a segment at a
     time (one Arrow `take` of the needed columns, not a Python conversion per cell)."""
@@ -464,13 +464,13 @@ def _entity_fields(scope: tuple, columns: list[str]) -> list[str]:
 
 def plain_columns(scope: tuple, output_fields: list[str] | None,
                   pk_field: str) -> list[str] | None:
-    """The stored columns a hit's entity is built from, when they are plain columns of every
-    segment: the engine's `row_to_dict` converts every column of each hit to Python (a 1,280-d
-    image vector, a 384-d text vector, ... per hit: most of a 200-hit search's time), only for
-    its projection (`project_record`, which reads the requested schema fields and the dynamic
-    ones) to keep a few. None (convert the whole row, as the engine does) without explicit
-    output fields, with a wildcard, or when one is not a plain column (a dynamic field lives in
-    `$meta`)."""
+    """The stored columns a hit's entity (or a record read by id, `lite_reads.get_rows`) is
+    built from, the key first, when they are plain columns of every segment: the engine's
+    `row_to_dict` converts every column of each hit to Python (a 1,280-d image vector, a 384-d
+    text vector, ... per hit: most of a 200-hit search's time), only for its projection
+    (`project_record`, which reads the requested schema fields and the dynamic ones) to keep a
+    few. None (convert the whole row, as the engine does) without explicit output fields, with
+    a wildcard, or when one is not a plain column (a dynamic field lives in `$meta`)."""
     if not output_fields or any("*" in f for f in output_fields):
         return None
     wanted = [pk_field, *(f for f in dict.fromkeys(output_fields) if f != pk_field)]
